@@ -1,0 +1,29 @@
+# Quickstart: `make run` (pipeline on the embedded default), `make test` (test suite).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+run: install
+	dvc repro
+
+test: install
+	python -m pytest
+
+clean:
+	rm -rf data/synthetic data/synthetic-images data/prepared models embeddings outputs

@@ -1,0 +1,99 @@
+"""The `avse` command: the pipeline's stages and tools, with DVC-style `-S key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from avse.config import PARAMS_FILE, Config, load_config
+from avse.errors import AvseError
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (default: %(default)s)")
+    parser.add_argument(
+        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a parameter, as `dvc exp run -S` (repeatable), e.g. -S train.batch_size=64",
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.params, args.overrides)
+
+
+def _cmd_stage(stage: Callable[[Config], None]) -> Callable[[argparse.Namespace], None]:
+    return lambda args: stage(_config(args))
+
+
+def _cmd_params(args: argparse.Namespace) -> None:
+    for key, value in _config(args).flat().items():
+        print(f"{key}: {value}")
+
+
+def _cmd_convert_karpathy(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from avse.data.formats import read_karpathy, write_caption_splits
+
+    dataset = read_karpathy(Path(args.json), args.dataset)
+    if dataset.problems:
+        raise AvseError("\n".join(map(str, dataset.problems[:20])))
+    write_caption_splits(dataset, Path(args.out))
+    print(f"wrote the caption-split layout of {args.json} to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from avse import pipeline
+
+    parser = argparse.ArgumentParser(prog="avse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stages = {
+        "synthesize": (pipeline.synthesize, "generate the embedded synthetic dataset"),
+        "prepare": (pipeline.prepare, "validate the raw dataset and write data/prepared/<dataset>/"),
+    }
+    for name, (stage, help_text) in stages.items():
+        sub = commands.add_parser(name, help=help_text)
+        _add_config_options(sub)
+        sub.set_defaults(run=_cmd_stage(stage))
+
+    sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
+    _add_config_options(sub)
+    sub.set_defaults(run=_cmd_params)
+
+    sub = commands.add_parser("convert-karpathy", help="write a Karpathy dataset_*.json as caption-split files")
+    sub.add_argument("json", help="dataset_flickr30k.json or dataset_coco.json")
+    sub.add_argument("out", help="output folder")
+    sub.add_argument("--dataset", choices=("f30k", "coco"), required=True)
+    sub.set_defaults(run=_cmd_convert_karpathy)
+    return parser
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    return run_guarded(lambda: args.run(args))
+
+
+def run_guarded(work: Callable[[], None]) -> int:
+    """Run `work`; a user error prints one message (no traceback) and exits with status 2."""
+    try:
+        work()
+    except AvseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_stage(name: str) -> None:
+    """Entry point of `stages/<name>.py`: the same as `avse <name>`, with the same options."""
+    sys.exit(main([name, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

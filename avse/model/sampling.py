@@ -1,0 +1,134 @@
+"""Radial bias sampling: split an image's patch tokens into several partial views.
+
+Patch tokens form a ``grid_h x grid_w`` grid (row-major when flattened). Each view
+keeps the ``k`` patches around a view centre: at training time the centre is
+random and patches are drawn without replacement with probability proportional
+to ``w = exp(-alpha * d)`` (near patches likely, far ones possible); at
+evaluation time the centres are fixed and the ``k`` nearest patches are kept, so
+an image always gets the same views.
+
+Coordinates are ``(row, col)`` in patch units: patch ``(r, c)`` covers
+``[r, r + 1) x [c, c + 1)`` and its centre is ``(r + 0.5, c + 0.5)``.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+# Eval view centres lie on an ellipse around the grid centre whose semi-axes are
+# this fraction of the grid's height and width (a circle on square grids).
+EVAL_RADIUS_FRACTION = 0.25
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
+    """Uniform [0, 1) draws on ``device``, drawn on the generator's own device so a CPU generator also works for GPU tensors."""
+    draw_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=draw_device).to(device)
+
+
+def keep_count(keep_ratio: float, grid_h: int, grid_w: int) -> int:
+    """Number of patches one view keeps: ``max(1, round(keep_ratio * grid_h * grid_w))``."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return max(1, round(keep_ratio * grid_h * grid_w))
+
+
+def view_centres(
+    batch: int,
+    views: int,
+    grid_h: int,
+    grid_w: int,
+    *,
+    train: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Centres of each image's views, ``(row, col)`` in patch units.
+
+    Training: independent uniform draws over the grid ``[0, grid_h) x [0, grid_w)``.
+    Evaluation: depends only on ``(views, grid_h, grid_w)``: one view is centred on
+    the grid; ``V > 1`` views are evenly spaced on an ellipse with semi-axes
+    ``grid_h / 4`` and ``grid_w / 4`` around the grid centre, the first at the top,
+    going clockwise. Every image of the batch gets the same centres.
+
+    Returns:
+        ``[B, V, 2]`` float32 centres.
+    """
+    if train:
+        scale = torch.tensor([grid_h, grid_w], dtype=torch.float32, device=device)
+        return _uniform((batch, views, 2), generator, device) * scale  # [B, V, 2]
+    centre = torch.tensor([grid_h / 2, grid_w / 2], dtype=torch.float32, device=device)  # [2]
+    if views == 1:
+        offsets = torch.zeros(1, 2, device=device)  # [1, 2]
+    else:
+        angle = torch.arange(views, dtype=torch.float32, device=device) * (2 * math.pi / views)  # [V]
+        radii = torch.tensor([grid_h, grid_w], dtype=torch.float32, device=device) * EVAL_RADIUS_FRACTION
+        # Row grows downwards, so -cos puts view 0 above the centre.
+        offsets = torch.stack([-torch.cos(angle), torch.sin(angle)], dim=-1) * radii  # [V, 2]
+    return (centre + offsets).expand(batch, views, 2).contiguous()  # [B, V, 2]
+
+
+def radial_bias_indices(
+    centres: Tensor,
+    grid_h: int,
+    grid_w: int,
+    keep: int,
+    alpha: float = 4.0,
+    *,
+    noise: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Indices of the patches each view keeps.
+
+    Distances ``d`` from patch centres to the view centre are divided by
+    ``max(grid_h, grid_w)`` so ``alpha`` means the same at any resolution. With
+    ``noise`` the keep-set is the top-``keep`` of ``log w + Gumbel`` with
+    ``log w = -alpha * d``, i.e. ``keep`` draws without replacement with
+    probability proportional to ``w``; without it, exactly the ``keep`` nearest
+    patches (``alpha`` then has no effect).
+
+    Args:
+        centres: ``[B, V, 2]`` view centres from :func:`view_centres`.
+        keep: patches kept per view, ``1 <= keep <= grid_h * grid_w``.
+
+    Returns:
+        ``[B, V, keep]`` long indices into the row-major flattened grid, sorted
+        ascending so the kept tokens stay in spatial order.
+    """
+    num_patches = grid_h * grid_w
+    if not 1 <= keep <= num_patches:
+        raise ValueError(f"keep must be in [1, {num_patches}], got {keep}")
+    device = centres.device
+    rows = torch.arange(grid_h, dtype=torch.float32, device=device) + 0.5
+    cols = torch.arange(grid_w, dtype=torch.float32, device=device) + 0.5
+    patch_centres = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(num_patches, 2)  # [P, 2]
+    offsets = patch_centres - centres.float().unsqueeze(-2)  # [B, V, P, 2]
+    dist = offsets.norm(dim=-1) / max(grid_h, grid_w)  # [B, V, P]
+    scores = -alpha * dist  # log w, [B, V, P]
+    if noise:
+        # Clamp keeps log(log(.)) finite at the ends of [0, 1).
+        tiny = torch.finfo(torch.float32).tiny
+        u = _uniform(tuple(scores.shape), generator, device).clamp_(tiny, 1.0 - torch.finfo(torch.float32).eps)
+        scores = scores - torch.log(-torch.log(u))  # + Gumbel(0, 1), [B, V, P]
+    return scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, V, k]
+
+
+def gather_views(tokens: Tensor, indices: Tensor, num_prefix: int) -> Tensor:
+    """Build the token sequence of every view.
+
+    Args:
+        tokens: ``[B, num_prefix + P, D]``; the prefix (class token(s)) comes first.
+        indices: ``[B, V, k]`` patch indices from :func:`radial_bias_indices`.
+        num_prefix: number of leading tokens copied into every view.
+
+    Returns:
+        ``[B * V, num_prefix + k, D]``; the ``V`` views of one image are consecutive
+        (row ``b * V + v`` is view ``v`` of image ``b``).
+    """
+    batch, views, keep = indices.shape
+    dim = tokens.size(-1)
+    prefix = tokens[:, :num_prefix].unsqueeze(1).expand(batch, views, num_prefix, dim)  # [B, V, n, D]
+    flat = indices.reshape(batch, views * keep, 1).expand(batch, views * keep, dim)  # [B, V*k, D]
+    patches = tokens[:, num_prefix:].gather(1, flat).reshape(batch, views, keep, dim)  # [B, V, k, D]
+    return torch.cat([prefix, patches], dim=2).reshape(batch * views, num_prefix + keep, dim)

@@ -1,0 +1,80 @@
+import pytest
+import yaml
+
+from avse.config import Config, apply_override, load_config
+from avse.errors import ConfigError
+
+from conftest import REPO, make_config
+
+
+def test_params_yaml_is_valid_and_complete():
+    config = load_config(REPO / "params.yaml")
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    # Every key of the config appears in params.yaml, so it documents all of them.
+    flat_written = Config().flat().keys()
+    from avse.config import flatten
+
+    assert set(flatten(written)) == set(flat_written)
+    assert config.data.dataset == "synthetic"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=-4", "train.batch_size: -4 is not a positive integer"),
+        ("train.batch_size=abc", "train.batch_size: 'abc' is not a positive integer"),
+        ("train.batch_size=2.5", "train.batch_size: 2.5 is not a positive integer"),
+        ("train.batchsize=4", "train.batchsize: unknown key (did you mean train.batch_size?)"),
+        ("data.dataset=imagenet", "data.dataset: 'imagenet' is not one of synthetic, f30k, coco"),
+        ("model.keep_ratio=0", "model.keep_ratio: 0.0 is not a number in (0, 1]"),
+        ("model.keep_ratio=1.5", "model.keep_ratio: 1.5 is not a number in (0, 1]"),
+        ("model.views=0", "model.views: 0 is not an integer >= 1"),
+        ("model.block_dim=100", "model.block_dim: 100 does not divide model.embed_size (256)"),
+        ("model.size_augment=yes please", "model.size_augment: 'yes please' is not true or false"),
+        ("train.lr_decay_epochs=[1, x]", "train.lr_decay_epochs[1]: 'x' is not an integer"),
+        ("model.vision=vit", "model.vision: 'vit' is not a section (expected key: value pairs)"),
+        ("data.synthetic.min_objects=2", "data.synthetic.min_objects: 2 is not an integer >= 3"),
+        ("zzz.key=1", "zzz: unknown key (allowed: data, model, train, embed, eval, tracking)"),
+        ("train.batch_size", "override 'train.batch_size': expected key=value"),
+    ],
+)
+def test_bad_values_give_one_line_naming_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "params.yaml", [override])
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config(REPO / "params.yaml", ["train.batch_size=64", "model.vision.name=vit-base", "train.lr=1e-3"])
+    assert config.train.batch_size == 64
+    assert config.model.vision.name == "vit-base"
+    assert config.train.lr == pytest.approx(1e-3)
+
+
+def test_override_cannot_turn_value_into_section():
+    tree = {"train": {"batch_size": 3}}
+    with pytest.raises(ConfigError, match="train.batch_size: is a value, not a section"):
+        apply_override(tree, "train.batch_size.x=1")
+
+
+def test_missing_params_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="params.yaml: file not found"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_hash_depends_on_selected_sections_only():
+    base = make_config()
+    other_eval = make_config({"eval": {"chunk_size": 7}})
+    other_train = make_config({"train": {"lr": 0.1}})
+    assert base.hash("train", "model") == other_eval.hash("train", "model")
+    assert base.hash("train", "model") != other_train.hash("train", "model")
+
+
+def test_flat_keys_match_documented_names():
+    flat = make_config().flat()
+    for key in ("data.dataset", "data.root", "data.img_res", "model.vision.name", "model.vision.init",
+                "model.text.name", "model.text.init", "model.embed_size", "model.block_dim", "model.views",
+                "model.matching", "train.batch_size", "train.epochs", "train.max_steps",
+                "train.nproc_per_node", "train.precision", "tracking.uri", "tracking.experiment"):
+        assert key in flat

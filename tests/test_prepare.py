@@ -1,0 +1,308 @@
+"""The prepare step: formats, every validation rule, and its outputs."""
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from avse.data.formats import read_caption_splits, read_karpathy, read_lines, write_caption_splits
+from avse.data.prepare import MAX_LISTED_PROBLEMS, prepare
+from avse.data.tokenizer import load_tokenizer, train_wordpiece
+from avse.errors import DataError
+
+from conftest import make_config
+
+SPLITS = ("train", "dev", "test")
+
+
+def write_jpeg(path: Path, seed: int = 0, size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    cv2.imwrite(str(path), pixels)
+
+
+def make_raw(root: Path, images_per_split=(3, 2, 2), captions=5) -> tuple[Path, Path]:
+    """A tiny dataset in the caption-split layout: returns (caption folder, image folder)."""
+    caps_dir, image_dir = root / "caps", root / "images"
+    caps_dir.mkdir(parents=True)
+    mapping, next_id = {}, 0
+    for split, n_images in zip(SPLITS, images_per_split):
+        caps, ids = [], []
+        for _ in range(n_images):
+            mapping[str(next_id)] = f"{next_id:04d}.jpg"
+            write_jpeg(image_dir / mapping[str(next_id)], seed=next_id)
+            caps += [f"caption {k} of image {next_id} in {split}" for k in range(captions)]
+            ids += [str(next_id)] * captions
+            next_id += 1
+        (caps_dir / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
+        (caps_dir / f"{split}_ids.txt").write_text("\n".join(ids) + "\n")
+    (caps_dir / "id_mapping.json").write_text(json.dumps(mapping))
+    return caps_dir, image_dir
+
+
+def config_for(caps_dir: Path, image_dir: Path, **data):
+    return make_config({"data": {"dataset": "f30k", "root": str(caps_dir), "images": str(image_dir), "cache_res": 4, **data}})
+
+
+def read_index(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_bad(tmp_path: Path, caps_dir: Path, image_dir: Path, **data) -> str:
+    """Prepare into an output folder holding an earlier result; it must stay untouched."""
+    out = tmp_path / "prepared"
+    out.mkdir(exist_ok=True)
+    (out / "earlier.txt").write_text("earlier result")
+    with pytest.raises(DataError) as err:
+        prepare(config_for(caps_dir, image_dir, **data), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    return str(err.value)
+
+
+def test_prepare_writes_index_cache_and_stats(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    out = tmp_path / "prepared"
+    stats = prepare(config_for(caps_dir, image_dir), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["dev.csv", "dev_images.npy", "dropped.csv", "stats.json", "test.csv", "test_images.npy", "train.csv", "train_images.npy"])
+    rows = read_index(out / "test.csv")
+    assert len(rows) == 10
+    assert rows[0] == {"image_id": "5", "image_file": "0005.jpg", "image_path": (image_dir / "0005.jpg").as_posix(),
+                       "caption": "caption 0 of image 5 in test"}
+    cache = np.load(out / "test_images.npy")
+    assert cache.shape == (2, 4, 4, 3) and cache.dtype == np.uint8
+    expected = cv2.cvtColor(cv2.imread(str(image_dir / "0006.jpg")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(cache[1], cv2.resize(expected, (4, 4), interpolation=cv2.INTER_AREA))
+    assert stats["train"]["images"] == 3 and stats["train"]["captions"] == 15
+    assert stats["test"]["words_per_caption"]["mean"] == 7.0
+    assert json.loads((out / "stats.json").read_text()) == stats
+
+
+def test_ids_file_with_one_line_per_image(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "test_ids.txt").write_text("5\n6\n")
+    prepare(config_for(caps_dir, image_dir), tmp_path / "out", progress=False)
+    assert [r["image_id"] for r in read_index(tmp_path / "out" / "test.csv")] == ["5"] * 5 + ["6"] * 5
+
+
+def test_captions_of_an_image_are_grouped_in_first_seen_order(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "test_caps.txt").write_text("".join(f"c{i}\n" for i in range(10)))
+    (caps_dir / "test_ids.txt").write_text("6\n5\n6\n5\n6\n5\n6\n5\n6\n5\n")
+    prepare(config_for(caps_dir, image_dir), tmp_path / "out", progress=False)
+    rows = read_index(tmp_path / "out" / "test.csv")
+    assert [r["caption"] for r in rows] == ["c0", "c2", "c4", "c6", "c8", "c1", "c3", "c5", "c7", "c9"]
+
+
+def test_crlf_and_bom_are_accepted(tmp_path):
+    path = tmp_path / "caps.txt"
+    path.write_bytes(b"\xef\xbb\xbfa dog\r\na cat\r\n")
+    assert read_lines(path, []) == ["a dog", "a cat"]
+
+
+def test_line_counts_differ(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "dev_ids.txt").write_text("3\n" * 9)
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert f"{caps_dir / 'dev_ids.txt'}: 9 lines, but dev_caps.txt has 10 captions" in message
+
+
+def test_id_absent_from_mapping(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "test_ids.txt").write_text("5\n" * 5 + "77\n" * 5)
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert f"{caps_dir / 'test_caps.txt'}:6: image id 77 is not in {caps_dir / 'id_mapping.json'}" in message
+
+
+def test_id_that_is_not_a_number(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "test_ids.txt").write_text("5\n" * 5 + "6\n" * 4 + "six\n")
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert f"{caps_dir / 'test_ids.txt'}:10: 'six' is not a non-negative integer image id" in message
+
+
+def test_missing_image_file(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (image_dir / "0003.jpg").unlink()
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert f"{image_dir / '0003.jpg'}: image file not found (image id 3, split dev)" in message
+
+
+def test_undecodable_image(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (image_dir / "0001.jpg").write_bytes(b"this is not an image")
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert f"{image_dir / '0001.jpg'}: not a decodable image (image id 1, split train)" in message
+
+
+def test_eval_image_without_five_captions(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "test_ids.txt").write_text("5\n" * 6 + "6\n" * 4)
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert "image id 5 has 6 captions in evaluation split test, expected 5" in message
+    assert "image id 6 has 4 captions in evaluation split test, expected 5" in message
+
+
+def test_train_images_may_have_other_caption_counts(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "train_ids.txt").write_text("0\n" * 7 + "1\n" * 4 + "2\n" * 4)
+    prepare(config_for(caps_dir, image_dir), tmp_path / "out", progress=False)
+
+
+def test_empty_caption(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    lines = (caps_dir / "train_caps.txt").read_text().splitlines()
+    lines[3] = "   "
+    (caps_dir / "train_caps.txt").write_text("\n".join(lines) + "\n")
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert f"{caps_dir / 'train_caps.txt'}:4: empty caption" in message
+
+
+def test_bytes_that_are_not_utf8(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    lines = (caps_dir / "dev_caps.txt").read_bytes().split(b"\n")
+    lines[1] = b"caf\xe9 on a street"
+    (caps_dir / "dev_caps.txt").write_bytes(b"\n".join(lines))
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert f"{caps_dir / 'dev_caps.txt'}:2: not valid UTF-8 (byte 4: b'\\xe9')" in message
+
+
+def test_every_problem_reported_at_once_first_twenty_listed(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path, images_per_split=(30, 2, 2))
+    for i in range(25):
+        (image_dir / f"{i:04d}.jpg").unlink()
+    (caps_dir / "test_ids.txt").write_text("32\n" * 6 + "33\n" * 4)
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    lines = message.splitlines()
+    assert lines[0].endswith("27 problems in the input data; nothing was written")
+    assert len(lines) == 1 + MAX_LISTED_PROBLEMS + 1
+    assert lines[-1] == "  ... and 7 more"
+
+
+def test_duplicate_and_conflicting_ids_in_mapping(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    text = (caps_dir / "id_mapping.json").read_text()
+    (caps_dir / "id_mapping.json").write_text(text.replace('{"0": "0000.jpg"', '{"0": "0000.jpg", "0": "0001.jpg"'))
+    assert "image id 0 appears twice" in run_bad(tmp_path, caps_dir, image_dir)
+    (caps_dir / "id_mapping.json").write_text(text.replace('"1": "0001.jpg"', '"1": "0000.jpg"'))
+    assert "file 0000.jpg is mapped by both image id 0 and 1" in run_bad(tmp_path, caps_dir, image_dir)
+
+
+def test_empty_split(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "dev_caps.txt").write_text("")
+    (caps_dir / "dev_ids.txt").write_text("")
+    assert "split dev is empty" in run_bad(tmp_path, caps_dir, image_dir)
+
+
+def test_skip_bad_images_drops_their_captions_and_reports(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (image_dir / "0001.jpg").unlink()
+    (image_dir / "0006.jpg").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    prepare(config_for(caps_dir, image_dir, on_bad_image="skip"), out, progress=False)
+    assert {r["image_id"] for r in read_index(out / "train.csv")} == {"0", "2"}
+    assert {r["image_id"] for r in read_index(out / "test.csv")} == {"5"}
+    dropped = read_index(out / "dropped.csv")
+    assert [(d["split"], d["image_id"], d["reason"], d["captions_dropped"]) for d in dropped] == [
+        ("train", "1", "image file not found", "5"), ("test", "6", "not a decodable image", "5")]
+    train_cache = np.load(out / "train_images.npy")
+    assert train_cache.shape[0] == 2
+    image_2 = cv2.cvtColor(cv2.imread(str(image_dir / "0002.jpg")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(train_cache[1], cv2.resize(image_2, (4, 4), interpolation=cv2.INTER_AREA))
+
+
+def karpathy_json(path: Path) -> None:
+    def image(name, split, n, filepath=None):
+        entry = {"filename": name, "split": split, "sentences": [{"raw": f"{name} says {k}"} for k in range(n)]}
+        if filepath:
+            entry["filepath"] = filepath
+        return entry
+
+    path.write_text(json.dumps({"images": [
+        image("a.jpg", "train", 5), image("b.jpg", "restval", 5, "val2014"), image("c.jpg", "val", 6),
+        image("d.jpg", "test", 5, "val2014"),
+    ]}))
+
+
+def test_karpathy_conversion(tmp_path):
+    karpathy_json(tmp_path / "dataset_coco.json")
+    raw = read_karpathy(tmp_path / "dataset_coco.json", "coco")
+    assert raw.id_to_file == {0: "a.jpg", 1: "val2014/b.jpg", 2: "c.jpg", 3: "val2014/d.jpg"}
+    assert [c.image_id for c in raw.splits["train"].captions] == [0] * 5 + [1] * 5
+    assert [c.text for c in raw.splits["dev"].captions] == [f"c.jpg says {k}" for k in range(5)]
+    assert [c.image_id for c in raw.splits["testall"].captions] == [3] * 5
+    # Written as files, read back: the same dataset.
+    write_caption_splits(raw, tmp_path / "layout")
+    again = read_caption_splits(tmp_path / "layout", ("train", "dev", "testall"))
+    assert again.id_to_file == raw.id_to_file
+    for name in ("train", "dev", "testall"):
+        assert [(c.text, c.image_id) for c in again.splits[name].captions] == [
+            (c.text, c.image_id) for c in raw.splits[name].captions]
+
+
+def test_karpathy_is_detected_and_prepared(tmp_path):
+    root = tmp_path / "f30k"
+    root.mkdir()
+    karpathy_json(root / "dataset_flickr30k.json")
+    for name in ("a.jpg", "val2014/b.jpg", "c.jpg", "val2014/d.jpg"):
+        write_jpeg(tmp_path / "images" / name)
+    out = tmp_path / "out"
+    prepare(config_for(root, tmp_path / "images"), out, progress=False)
+    assert [r["image_path"] for r in read_index(out / "test.csv")] == [(tmp_path / "images/val2014/d.jpg").as_posix()] * 5
+
+
+def test_karpathy_bad_entry_is_located(tmp_path):
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "val"}]}))
+    raw = read_karpathy(tmp_path / "dataset_flickr30k.json", "f30k")
+    assert str(raw.problems[0]) == f"{tmp_path / 'dataset_flickr30k.json'}: images[0]: expected 'filename', 'split' and 'sentences' with 'raw' texts"
+
+
+def test_no_dataset_found(tmp_path):
+    with pytest.raises(DataError, match="no dataset found"):
+        prepare(config_for(tmp_path, tmp_path), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_real_flickr30k_caption_files(tmp_path, f30k_fixtures):
+    """The real Karpathy test and dev captions, with placeholder images named by id_mapping.json."""
+    mapping = json.loads((f30k_fixtures / "id_mapping.json").read_text())
+    image_dir = tmp_path / "flickr30k-images"
+    image_dir.mkdir()
+    ok, placeholder = cv2.imencode(".jpg", np.full((8, 8, 3), 127, np.uint8))
+    used = {int(line) for split in ("dev", "test") for line in (f30k_fixtures / f"{split}_ids.txt").read_text().split()}
+    for image_id in used:
+        (image_dir / mapping[str(image_id)]).write_bytes(placeholder.tobytes())
+    out = tmp_path / "prepared"
+    stats = prepare(config_for(f30k_fixtures, image_dir, cache_res=0), out, progress=False)
+    assert (stats["test"]["images"], stats["test"]["captions"]) == (1000, 5000)
+    assert (stats["dev"]["images"], stats["dev"]["captions"]) == (1014, 5070)
+    test = read_index(out / "test.csv")
+    assert test[0]["caption"] == "The man with pierced ears is wearing glasses and an orange hat ."
+    assert test[0]["image_file"] == mapping["25"]
+    # Caption j belongs to image j // 5, as the recall metrics expect.
+    assert all(test[j]["image_id"] == test[5 * (j // 5)]["image_id"] for j in range(5000))
+    assert len({test[5 * i]["image_id"] for i in range(1000)}) == 1000
+
+
+def test_wordpiece_tokenizer_round_trip(tmp_path):
+    captions = ["a red circle left of a blue square", "a small green triangle above a yellow cross"] * 20
+    train_wordpiece(captions, tmp_path / "tok", vocab_size=200)
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    ids = tokenizer("a red circle")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a red circle"
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_prepare_trains_a_tokenizer_on_train_captions(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    out = tmp_path / "out"
+    prepare(config_for(caps_dir, image_dir), out, progress=False,
+            tokenizer_builder=lambda captions, folder: train_wordpiece(captions, folder, vocab_size=100))
+    tokenizer = load_tokenizer(out / "tokenizer")
+    assert "train" in tokenizer.get_vocab() and "dev" not in tokenizer.get_vocab()
