@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -25,6 +26,32 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _cmd_stage(stage: Callable[[Config], None]) -> Callable[[argparse.Namespace], None]:
     return lambda args: stage(_config(args))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from avse import pipeline
+    from avse.training.distributed import check_devices, under_torchrun
+
+    config = _config(args)
+    if args.dry_run:
+        from avse.training.dry_run import dry_run
+
+        dry_run(config, args.steps)
+        return
+    nproc = config.train.nproc_per_node
+    check_devices(nproc)
+    if nproc > 1 and not under_torchrun():
+        # Relaunch this same command under torchrun; multi-node runs call torchrun directly (see README).
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "avse.cli", "train", "--params", args.params]
+        command += [f"--set={override}" for override in args.overrides]
+        returncode = subprocess.run(command).returncode
+        if returncode:
+            raise AvseError(f"training under torchrun failed (exit status {returncode}); see the messages above")
+        return
+    pipeline.train(config)
 
 
 def _cmd_params(args: argparse.Namespace) -> None:
@@ -52,11 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     stages = {
         "synthesize": (pipeline.synthesize, "generate the embedded synthetic dataset"),
         "prepare": (pipeline.prepare, "validate the raw dataset and write data/prepared/<dataset>/"),
+        "embed": (pipeline.embed, "encode the evaluation split with models/best.pt into embeddings/<split>/"),
+        "evaluate": (pipeline.evaluate, "score the embeddings: metrics/eval.json, plots, per-query results"),
     }
     for name, (stage, help_text) in stages.items():
         sub = commands.add_parser(name, help=help_text)
         _add_config_options(sub)
         sub.set_defaults(run=_cmd_stage(stage))
+
+    sub = commands.add_parser("train", help="train the model (under torchrun when train.nproc_per_node > 1)")
+    _add_config_options(sub)
+    sub.add_argument("--dry-run", action="store_true", help="run a few steps on random inputs of the configured shape, no data needed")
+    sub.add_argument("--steps", type=int, default=3, help="timed steps of --dry-run (default: %(default)s)")
+    sub.set_defaults(run=_cmd_train)
 
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
     _add_config_options(sub)
@@ -71,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Under torchrun only the first process reports, so the log reads as one run.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

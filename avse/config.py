@@ -153,10 +153,12 @@ class Config:
     def hash(self, *sections: str) -> str:
         """A short stable hash of the given sections (all when none are given)."""
         content = self.to_dict()
-        if sections:
-            content = {name: content[name] for name in sections}
-        text = json.dumps(content, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return stable_hash({name: content[name] for name in sections} if sections else content)
+
+
+def stable_hash(content: Any) -> str:
+    """16 hex digits of the SHA-256 of `content` as canonical JSON."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

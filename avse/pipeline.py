@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
 from pathlib import Path
 
 from avse.config import Config
+from avse.errors import AvseError
 
 log = logging.getLogger("avse")
 
 SYNTHETIC_CAPTIONS = Path("data/synthetic")
 SYNTHETIC_IMAGES = Path("data/synthetic-images")
+EMBEDDINGS = Path("embeddings")
+EVAL_METRICS = Path("metrics/eval.json")
+RECALL_CURVE = Path("metrics/recall_curve.csv")
+RECALL_PLOT = Path("metrics/recall_curve.png")
+EVAL_OUTPUTS = Path("outputs/eval")
 
 
 def synthesize(config: Config) -> None:
@@ -45,3 +52,87 @@ def prepare(config: Config) -> None:
         if isinstance(s, dict):
             log.info("%-8s %6d images %7d captions, %.1f words per caption", split, s["images"], s["captions"], s["words_per_caption"]["mean"])
     log.info("prepared dataset written to %s", out)
+
+
+def train(config: Config) -> None:
+    """Train with `train.nproc_per_node` processes; writes `models/` and `metrics/train.json`."""
+    from avse.training.loop import train as train_loop
+
+    train_loop(config)
+
+
+def embed(config: Config) -> None:
+    """Encode every image and caption of `embed.split` once with `models/best.pt`; writes `embeddings/<split>/`."""
+    import time
+
+    import torch
+
+    from avse.data.dataset import PreparedSplit
+    from avse.data.prepare import prepared_dir
+    from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
+    from avse.evaluation.embed import encode_captions, encode_images
+    from avse.io import atomic_path
+    from avse.model.avse import from_checkpoint
+    from avse.training.checkpoint import load_checkpoint
+    from avse.training.loop import MODELS
+    from avse.training.optim import resolve_precision
+
+    checkpoint = load_checkpoint(MODELS / "best.pt")
+    model, trained = from_checkpoint(checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    dtype = resolve_precision(config.train.precision, device)
+    split = PreparedSplit.load(prepared_dir(config), config.embed.split)
+    tokenize = CaptionTokenizer(load_tokenizer(MODELS / "tokenizer"), trained.model.text.max_len)
+
+    start = time.perf_counter()
+    images = encode_images(model, split, trained.data.img_res, config.embed.batch_size, device, dtype, config.data.num_workers, progress=True)
+    image_seconds = time.perf_counter() - start
+    captions = encode_captions(model, split.captions, tokenize, config.embed.batch_size, device, dtype, progress=True)
+    caption_seconds = time.perf_counter() - start - image_seconds
+    log.info("encoded %d images (%.0f images/s) and %d captions (%.0f captions/s)",
+             len(images), len(images) / image_seconds, len(captions), len(captions) / caption_seconds)
+
+    meta = {
+        "split": split.name, "dataset": config.data.dataset, "block_dim": trained.model.block_dim,
+        "matching": trained.model.matching, "sinkhorn_iters": trained.model.sinkhorn_iters,
+        "dustbin": float(model.dustbin), "views": trained.model.views, "checkpoint_step": checkpoint["step"],
+        "images_per_s": round(len(images) / image_seconds, 1), "captions_per_s": round(len(captions) / caption_seconds, 1),
+    }
+    with atomic_path(EMBEDDINGS / split.name) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save({"embeddings": images, "image_ids": torch.from_numpy(split.image_ids)}, tmp / "images.pt")
+        torch.save({"embeddings": captions, "caption_image": torch.from_numpy(split.caption_image)}, tmp / "captions.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("embeddings written to %s", EMBEDDINGS / split.name)
+
+
+def evaluate(config: Config) -> None:
+    """Score every image-caption pair exactly; write metrics, plots and per-query results; report to MLflow."""
+    from avse.data.dataset import PreparedSplit
+    from avse.data.prepare import prepared_dir
+    from avse.evaluation import evaluate as ev
+    from avse.io import write_json
+    from avse.tracking import Tracker
+    from avse.training.loop import MODELS
+
+    split_name = config.embed.split
+    embeddings = ev.Embeddings.load(EMBEDDINGS / split_name)
+    ev.check_layout(embeddings)
+    split = PreparedSplit.load(prepared_dir(config), split_name)
+    if len(split.captions) != embeddings.captions.size(0):
+        raise AvseError(f"{EMBEDDINGS / split_name}: {embeddings.captions.size(0)} captions, but split {split_name} has {len(split.captions)}; re-run embed")
+    sims = ev.score(embeddings, config.eval.chunk_size)
+    results = {protocol: ev.protocol_metrics(sims, protocol) for protocol in ev.resolve_protocols(config.eval.protocol, config.data.dataset)}
+    write_json(EVAL_METRICS, {protocol: {k: round(v, 4) for k, v in metrics.items()} for protocol, metrics in results.items()})
+    ev.write_recall_curve(sims, RECALL_CURVE, RECALL_PLOT, f"{config.data.dataset} {split_name}: R@K")
+    ev.write_per_query(sims, split.captions, embeddings.image_ids, split.image_paths, EVAL_OUTPUTS)
+
+    run = json.loads((MODELS / "run.json").read_text()) if (MODELS / "run.json").exists() else {}
+    tracker = Tracker(config.tracking)
+    if run.get("run_id") and tracker.start(run["run_id"], run_name="", params={}, tags={}):
+        tracker.log_metrics({f"{split_name}_{protocol}_{k}": v for protocol, m in results.items() for k, v in m.items()}, step=0)
+        for artifact in (EVAL_METRICS, RECALL_PLOT, RECALL_CURVE):
+            tracker.log_artifact(artifact, "evaluation")
+        tracker.finish()
+    print(ev.format_table(results))

@@ -7,7 +7,11 @@ import yaml
 from conftest import run
 
 TINY = {
-    "data": {"synthetic": {"train_images": 40, "dev_images": 10, "test_images": 10}, "num_workers": 0},
+    "data": {"synthetic": {"train_images": 40, "dev_images": 10, "test_images": 10, "image_size": 32},
+             "img_res": 32, "cache_res": 32, "num_workers": 0, "vocab_size": 100},
+    "model": {"embed_size": 32, "block_dim": 16},
+    "train": {"batch_size": 16, "epochs": 1, "log_every": 2},
+    "embed": {"batch_size": 8},
 }
 
 
@@ -26,9 +30,26 @@ def _merge(target, values):
             target[key] = value
 
 
-def test_dvc_repro_builds_the_dataset_and_then_has_nothing_to_do(project):
-    set_params(project, TINY)
+def mlflow_runs(project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("avse")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_dvc_repro_runs_the_pipeline_and_then_has_nothing_to_do(project):
+    set_params(project, TINY | {"train": TINY["train"] | {"nproc_per_node": 2}})
     run(["dvc", "repro"], cwd=project)
+    models = project / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["best.pt", "last.pt", "run.json"]
+    summary = json.loads((project / "metrics" / "train.json").read_text())
+    assert summary["steps"] == 200 // 32 and summary["epochs"] == 1
+    runs = mlflow_runs(project)
+    assert len(runs) == 1  # two processes, one MLflow run
+    assert runs[0].info.run_id == json.loads((models / "run.json").read_text())["run_id"]
+    assert runs[0].data.params["train.nproc_per_node"] == "2"
+    assert runs[0].data.tags["dataset"] == "synthetic" and "dev_rsum" in runs[0].data.metrics
     prepared = project / "data" / "prepared" / "synthetic"
     stats = json.loads((prepared / "stats.json").read_text())
     assert (stats["train"]["captions"], stats["dev"]["images"], stats["test"]["images"]) == (200, 10, 10)
@@ -37,9 +58,22 @@ def test_dvc_repro_builds_the_dataset_and_then_has_nothing_to_do(project):
     assert "didn't change, skipping" in again.stdout
     assert "Running stage" not in again.stdout
     # An edited parameter reruns exactly the stages that read it.
-    set_params(project, {"data": {"cache_res": 32}})
-    third = run(["dvc", "repro"], cwd=project)
+    set_params(project, {"data": {"cache_res": 16}})
+    third = run(["dvc", "repro", "prepare"], cwd=project)
     assert "Running stage 'prepare'" in third.stdout and "Running stage 'synthesize'" not in third.stdout
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(project):
+    set_params(project, TINY)
+    run(["dvc", "repro", "prepare"], cwd=project)
+    train = ["python", "-m", "stages.train", "-S", "train.ckpt_every_steps=1"]
+    run(train + ["-S", "train.max_steps=2"], cwd=project)
+    first_run = json.loads((project / "models" / "run.json").read_text())["run_id"]
+    second = run(train + ["-S", "train.max_steps=5"], cwd=project)
+    assert "resuming from models/last.pt at step 2 (epoch 0)" in second.stderr
+    assert json.loads((project / "metrics" / "train.json").read_text())["steps"] == 5
+    assert json.loads((project / "models" / "run.json").read_text())["run_id"] == first_run
+    assert len(mlflow_runs(project)) == 1
 
 
 def test_bad_params_stop_the_stage_with_one_line(project):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from avse.progress import progress as progress_bar
 
 from avse.config import Config
 from avse.data.formats import (
@@ -161,7 +161,7 @@ def scan_images(paths: list[Path], cache_res: int, cache_path: Path, *, desc: st
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(load, range(len(paths)), chunksize=64)
-        for position, reason in enumerate(tqdm(results, total=len(paths), desc=desc, disable=not progress, unit="img")):
+        for position, reason in enumerate(progress_bar(results, total=len(paths), desc=desc, disable=not progress, unit="img")):
             if reason is not None:
                 bad[position] = reason
     if cache is not None:

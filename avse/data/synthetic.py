@@ -23,7 +23,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
+from avse.progress import progress as progress_bar
 
 from avse.errors import ConfigError
 from avse.io import atomic_path
@@ -328,7 +328,7 @@ def generate_dataset(
     with (
         atomic_path(caption_dir) as caption_tmp,
         atomic_path(image_dir) as image_tmp,
-        tqdm(total=sum(split_sizes.values()), desc="synthetic images", unit="img", disable=not progress) as bar,
+        progress_bar(total=sum(split_sizes.values()), desc="synthetic images", unit="img", disable=not progress) as bar,
     ):
         caption_tmp.mkdir()
         image_tmp.mkdir()

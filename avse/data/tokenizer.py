@@ -30,3 +30,26 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load a tokenizer from {name_or_path}: {err}".splitlines()[0]) from None
+
+
+def tokenizer_for(text_name: str, text_init: str, prepared: Path) -> PreTrainedTokenizerBase:
+    """The vocabulary trained by `prepare` for a random text backbone, else the backbone's own tokenizer."""
+    from avse.model.backbones import source
+
+    if text_init == "random":
+        folder = prepared / "tokenizer"
+        if not folder.exists():
+            raise DataError(f"{folder}: no trained tokenizer (run the prepare stage with model.text.init: random)")
+        return load_tokenizer(folder)
+    return load_tokenizer(source(text_name))
+
+
+class CaptionTokenizer:
+    """Callable that turns a list of captions into padded `input_ids` and `attention_mask` `[B, L]`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, captions: list[str]):
+        encoded = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]

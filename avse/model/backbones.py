@@ -86,22 +86,29 @@ def load_config(spec: BackboneConfig, key: str, expected: tuple[Family, ...], **
     return family, config
 
 
-def check_swin_fits(config: SwinConfig, key: str) -> None:
-    """Swin's windows must fit the final-stage grid: image / patch / 2^(stages-1) >= window."""
-    final_grid = config.image_size // config.patch_size // 2 ** (len(config.depths) - 1)
-    if final_grid < config.window_size:
-        smallest = config.window_size * config.patch_size * 2 ** (len(config.depths) - 1)
+def check_swin_fits(config: SwinConfig, input_res: int, key: str) -> None:
+    """Swin's windows must fit the final-stage grid: input / patch / 2^(stages-1) >= window."""
+    scale = config.patch_size * 2 ** (len(config.depths) - 1)
+    if input_res // scale < config.window_size:
         raise ConfigError(
-            f"data.img_res: {config.image_size} is too small for {key}.name (window {config.window_size}, "
-            f"final grid {final_grid}x{final_grid}); use at least {smallest}"
+            f"data.img_res: {input_res} is too small for {key}.name {config.window_size}-token windows "
+            f"(final grid {input_res // scale}x{input_res // scale}); use at least {config.window_size * scale}"
         )
 
 
-def build(spec: BackboneConfig, key: str, expected: tuple[Family, ...], **overrides: Any) -> tuple[Family, PreTrainedModel]:
-    """Build a backbone without its pooling head, random or pretrained per `spec.init`."""
+def build(
+    spec: BackboneConfig, key: str, expected: tuple[Family, ...], input_res: int | None = None, **overrides: Any
+) -> tuple[Family, PreTrainedModel]:
+    """Build a backbone without its pooling head, random or pretrained per `spec.init`.
+
+    `input_res` is the image resolution fed to a vision backbone: a random one is built
+    for it; a pretrained ViT keeps its position embeddings and interpolates them.
+    """
+    if input_res is not None and spec.init == "random":
+        overrides["image_size"] = input_res
     family, config = load_config(spec, key, expected, **overrides)
     if family == "swin":
-        check_swin_fits(config, key)
+        check_swin_fits(config, input_res or config.image_size, key)
     model_class = _MODEL_CLASSES[family]
     if spec.init == "random":
         return family, model_class(config, add_pooling_layer=False)

@@ -92,16 +92,16 @@ class GPO(nn.Module):
         Returns:
             ``[B, L]`` weights summing to 1 over positions ``< lengths[b]``, exactly 0 beyond.
         """
-        batch = lengths.size(0)
         device = lengths.device
-        if bool((lengths == lengths[0]).all()):
-            # Equal lengths: every sample has the same GRU input, so run one sequence and broadcast.
-            n = int(lengths[0])
-            scores = self._rank_scores(positional_encoding(n, self.d_pe, device).unsqueeze(0), None)  # [1, n]
-            scores = nn.functional.pad(scores, (0, max_len - n)).expand(batch, max_len)  # [B, L]
+        # The GRU's input depends only on the length, so run it once per distinct length
+        # (a handful under size augmentation) instead of once per sample.
+        distinct, which = torch.unique(lengths, return_inverse=True)  # [U], [B]
+        pe = positional_encoding(max_len, self.d_pe, device).expand(distinct.size(0), max_len, self.d_pe)  # [U, L, d_pe]
+        if distinct.size(0) == 1 and int(distinct[0]) == max_len:
+            scores = self._rank_scores(pe, None)  # [1, L]
         else:
-            pe = positional_encoding(max_len, self.d_pe, device).expand(batch, max_len, self.d_pe)  # [B, L, d_pe]
-            scores = self._rank_scores(pe, lengths)  # [B, L]
+            scores = self._rank_scores(pe, distinct)  # [U, L]
+        scores = scores[which]  # [B, L]
         scores = (scores.float() / TEMPERATURE).masked_fill(~valid_mask(lengths, max_len), float("-inf"))
         return torch.softmax(scores, dim=1)  # [B, L]
 

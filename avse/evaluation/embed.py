@@ -1,0 +1,54 @@
+"""Embedding extraction: every unique image once, every caption once, with the deterministic evaluation views."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from avse.progress import progress as progress_bar
+
+from avse.data.dataset import ImageDataset, PreparedSplit
+from avse.data.tokenizer import CaptionTokenizer
+from avse.model.avse import AVSE
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_images(
+    model: AVSE, split: PreparedSplit, resolution: int, batch_size: int, device: torch.device,
+    dtype: torch.dtype = torch.float32, num_workers: int = 0, progress: bool = False,
+) -> Tensor:
+    """`[n_images, views * embed_size]` float32 on the CPU, in the split's image order."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(ImageDataset(split, resolution), batch_size=batch_size, num_workers=num_workers)
+    chunks = []
+    for images, _ in progress_bar(loader, desc=f"images {split.name}", disable=not progress, unit="batch"):
+        with autocast(device, dtype):
+            chunks.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def encode_captions(
+    model: AVSE, captions: list[str], tokenize: CaptionTokenizer, batch_size: int, device: torch.device,
+    dtype: torch.dtype = torch.float32, progress: bool = False,
+) -> Tensor:
+    """`[n_captions, embed_size]` float32 on the CPU, in caption order."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in progress_bar(range(0, len(captions), batch_size), desc="captions", disable=not progress, unit="batch"):
+        input_ids, attention_mask = tokenize(captions[start : start + batch_size])
+        with autocast(device, dtype):
+            chunks.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks)

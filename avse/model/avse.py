@@ -1,0 +1,109 @@
+"""The AVSE model: a multi-view image encoder, a text encoder, and meta-semantic matching.
+
+    images uint8 [B, 3, R, R] --ImageEncoder--> [B, views * embed_size]
+    input_ids [B, L]          --TextEncoder-->  [B, embed_size]
+    similarity(img [N, Di], cap [M, Dt]) -> [N, M]  (meta_similarity or sinkhorn_similarity)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from avse.config import Config
+from avse.errors import ConfigError
+from avse.model import backbones
+from avse.model.encoders import ImageEncoder, TextEncoder
+from avse.model.similarity import meta_similarity, sinkhorn_similarity
+
+# CLIP's initial temperature (0.07) and its cap on the logit scale (100).
+INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = math.log(100)
+
+
+class AVSE(nn.Module):
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, block_dim: int, matching: str, sinkhorn_iters: int):
+        super().__init__()
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.block_dim, self.matching, self.sinkhorn_iters = block_dim, matching, sinkhorn_iters
+        self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))  # used by the InfoNCE loss
+        self.dustbin = nn.Parameter(torch.tensor(1.0))  # used by Sinkhorn matching
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Both embeddings in one call (what DistributedDataParallel wraps): `[B, V * E]`, `[B, E]`."""
+        return self.encode_image(images, generator), self.encode_text(input_ids, attention_mask)
+
+    def encode_image(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.image_encoder(images, generator)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.text_encoder(input_ids, attention_mask)
+
+    def similarity(self, img: Tensor, cap: Tensor, chunk_size: int = 384) -> Tensor:
+        """`[N, Di]` x `[M, Dt]` -> `[N, M]`; a sum over the `Dt / block_dim` text blocks."""
+        if self.matching == "sinkhorn":
+            return sinkhorn_similarity(img, cap, self.block_dim, self.dustbin, self.sinkhorn_iters, chunk_size)
+        return meta_similarity(img, cap, self.block_dim, chunk_size)
+
+    @property
+    def text_blocks(self) -> int:
+        return self.text_encoder.norm.normalized_shape[0] // self.block_dim
+
+    def scaled_logit_scale(self) -> Tensor:
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Backbone and head parameters, each split into decayed weights and undecayed norms and biases."""
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "backbone_no_decay": [], "head": [], "head_no_decay": []}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = "backbone" if ".backbone." in f".{name}" else "head"
+            no_decay = param.ndim < 2 or "norm" in name.lower() or name in ("logit_scale", "dustbin")
+            groups[part + ("_no_decay" if no_decay else "")].append(param)
+        return groups
+
+
+def build_model(config: Config, vocab_size: int | None) -> AVSE:
+    """The configured model; `vocab_size` sizes a randomly initialised text backbone's embeddings."""
+    model_cfg, img_res = config.model, config.data.img_res
+    family, vision = backbones.build(model_cfg.vision, "model.vision", ("vit", "swin"), input_res=img_res)
+    text_overrides = {"vocab_size": vocab_size} if model_cfg.text.init == "random" else {}
+    _, text = backbones.build(model_cfg.text, "model.text", ("bert",), **text_overrides)
+    if model_cfg.text.max_len > text.config.max_position_embeddings:
+        raise ConfigError(
+            f"model.text.max_len: {model_cfg.text.max_len} is longer than {model_cfg.text.name}'s "
+            f"{text.config.max_position_embeddings} positions"
+        )
+    image_encoder = ImageEncoder(
+        vision, family, img_res, model_cfg.embed_size, model_cfg.views,
+        model_cfg.keep_ratio, model_cfg.eval_keep_ratio, model_cfg.alpha, model_cfg.size_augment,
+    )
+    text_encoder = TextEncoder(text, model_cfg.embed_size)
+    model = AVSE(image_encoder, text_encoder, model_cfg.block_dim, model_cfg.matching, model_cfg.sinkhorn_iters)
+    # Parameters the configured objective never uses must not expect gradients (DDP checks).
+    model.logit_scale.requires_grad_(config.train.loss == "infonce")
+    model.dustbin.requires_grad_(model_cfg.matching == "sinkhorn")
+    return model
+
+
+def from_checkpoint(checkpoint: dict) -> tuple[AVSE, Config]:
+    """The trained model of a `best.pt` checkpoint, built from the config it was trained with.
+
+    Backbones are built with random weights and then overwritten, so no pretrained
+    download is needed to use a trained model.
+    """
+    from avse.config import from_dict
+
+    trained = from_dict(checkpoint["config"])
+    architecture = dataclasses.replace(trained, model=dataclasses.replace(
+        trained.model,
+        vision=dataclasses.replace(trained.model.vision, init="random"),
+        text=dataclasses.replace(trained.model.text, init="random"),
+    ))
+    model = build_model(architecture, checkpoint["vocab_size"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), trained

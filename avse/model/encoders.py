@@ -1,0 +1,130 @@
+"""Image and text encoders: backbone tokens -> projection -> GPO pooling -> embedding.
+
+Image: the backbone's patch tokens are split into `views` partial views by radial bias
+sampling; each view is projected and pooled on its own and L2-normalised, and the views
+are concatenated: `[B, views * embed_size]`. Text: BERT token features -> linear + a
+2-layer MLP residual -> GPO -> LayerNorm: `[B, embed_size]`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from avse.model.pooling import GPO, random_token_drop
+from avse.model.sampling import gather_views, keep_count, radial_bias_indices, view_centres
+
+# Pixel normalisation each backbone family was pretrained with.
+PIXEL_STATS = {
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "swin": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (VSE-infinity's residual MLP)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+        blocks: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            blocks.append(nn.Linear(a, b))
+            if i < layers - 1:
+                blocks += [nn.LayerNorm(b), nn.ReLU()]
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ImageEncoder(nn.Module):
+    """Multi-view image encoder over a ViT or Swin backbone."""
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        family: str,
+        img_res: int,
+        embed_size: int,
+        views: int,
+        keep_ratio: float,
+        eval_keep_ratio: float,
+        alpha: float,
+        size_augment: bool,
+    ):
+        super().__init__()
+        self.backbone, self.family, self.img_res = backbone, family, img_res
+        self.views, self.alpha, self.size_augment = views, alpha, size_augment
+        self.keep_ratio, self.eval_keep_ratio = keep_ratio, eval_keep_ratio
+        config = backbone.config
+        if family == "vit":
+            self.grid = img_res // config.patch_size
+            self.num_prefix = 1  # the class token, kept in every view
+            hidden = config.hidden_size
+            self.interpolate = img_res != config.image_size
+        else:
+            # Swin's windows need the full grid: views are sampled from the final stage's tokens.
+            self.grid = img_res // config.patch_size // 2 ** (len(config.depths) - 1)
+            self.num_prefix = 0
+            hidden = backbone.num_features
+        mean, std = PIXEL_STATS[family]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.proj = nn.Linear(hidden, embed_size)
+        self.gpo = GPO()
+
+    def normalize_pixels(self, images: Tensor) -> Tensor:
+        """uint8 `[B, 3, H, W]` -> normalised float `[B, 3, H, W]`."""
+        return (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
+
+    def view_tokens(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Backbone features of every view: `[B * V, n, hidden]` (views of an image consecutive) and the kept patch indices `[B, V, k]`."""
+        batch = pixels.size(0)
+        keep = keep_count(self.keep_ratio if self.training else self.eval_keep_ratio, self.grid, self.grid)
+        centres = view_centres(batch, self.views, self.grid, self.grid, train=self.training, generator=generator, device=pixels.device)
+        indices = radial_bias_indices(centres, self.grid, self.grid, keep, self.alpha, noise=self.training, generator=generator)  # [B, V, k]
+        if self.family == "vit":
+            vit = self.backbone
+            tokens = vit.embeddings(pixels, interpolate_pos_encoding=self.interpolate)  # [B, 1 + P, hidden]
+            hidden = gather_views(tokens, indices, self.num_prefix)  # [B * V, 1 + k, hidden]
+            # All views go through the transformer in one batched call.
+            for layer in vit.layers:
+                hidden = layer(hidden)
+            return vit.layernorm(hidden), indices
+        tokens = self.backbone(pixel_values=pixels).last_hidden_state  # [B, P_final, hidden]
+        return gather_views(tokens, indices, self.num_prefix), indices  # [B * V, k, hidden]
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 images `[B, 3, R, R]` -> embeddings `[B, V * embed_size]`, each view's part unit-norm."""
+        batch = images.size(0)
+        tokens, _ = self.view_tokens(self.normalize_pixels(images), generator)  # [B * V, n, hidden]
+        features = self.proj(tokens)  # [B * V, n, E]
+        lengths = torch.full((features.size(0),), features.size(1), device=features.device)
+        if self.training and self.size_augment:
+            features, lengths = random_token_drop(features, lengths, generator=generator)
+        pooled, _ = self.gpo(features, lengths)  # [B * V, E]
+        pooled = nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled.view(batch, -1)  # [B, V * E]
+
+
+class TextEncoder(nn.Module):
+    """BERT token features -> linear + MLP residual -> GPO -> LayerNorm."""
+
+    def __init__(self, backbone: PreTrainedModel, embed_size: int):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.fc = nn.Linear(hidden, embed_size)
+        self.mlp = MLP(hidden, embed_size // 2, embed_size, layers=2)
+        self.gpo = GPO()
+        self.norm = nn.LayerNorm(embed_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """`[B, L]` token ids and mask -> `[B, E]`."""
+        tokens = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, hidden]
+        features = self.fc(tokens) + self.mlp(tokens)  # [B, L, E]
+        lengths = attention_mask.sum(dim=1)  # [B]
+        pooled, _ = self.gpo(features, lengths)  # [B, E]
+        return self.norm(pooled.float())

@@ -1,0 +1,1 @@
+"""Training: distributed helpers, optimisation, checkpoints and the loop."""

@@ -1,0 +1,81 @@
+"""Process-group setup under torchrun, and gathering embeddings with their gradients."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from avse.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_devices(nproc_per_node: int) -> None:
+    """One GPU per process: refuse more processes than GPUs before anything starts."""
+    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+        raise ConfigError(
+            f"train.nproc_per_node: {nproc_per_node} processes but only {torch.cuda.device_count()} GPUs "
+            "(NCCL needs one GPU per process)"
+        )
+
+
+def init_distributed() -> DistContext:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs), or run as a single process."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return DistContext(0, 0, 1, device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def gather_with_grad(x: Tensor, ctx: DistContext) -> Tensor:
+    """`[b, ...]` on each rank -> `[world * b, ...]`, rank order; gradients flow back to every rank's part."""
+    if not ctx.distributed:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()), dim=0)
+
+
+def all_reduce_sum(x: Tensor, ctx: DistContext) -> Tensor:
+    if ctx.distributed:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

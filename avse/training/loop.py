@@ -1,0 +1,366 @@
+"""The training loop, top to bottom: data, model, optimiser, resume, steps, evaluation, checkpoints.
+
+Run it under torchrun for several processes (`train.nproc_per_node`): each process
+encodes its share of the global batch, the embeddings are gathered with their
+gradients, and each process computes the loss of its own queries against every key of
+the global batch, so negatives come from the whole batch. Losses are scaled so that the
+averaged gradients equal those of one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+from avse.config import Config, stable_hash
+from avse.data.dataset import PairDataset, PreparedSplit
+from avse.data.prepare import prepared_dir
+from avse.data.tokenizer import CaptionTokenizer, tokenizer_for
+from avse.errors import AvseError
+from avse.evaluation.embed import autocast, encode_captions, encode_images
+from avse.evaluation.recall import recall_metrics
+from avse.io import write_json
+from avse.model.avse import AVSE, build_model
+from avse.model.losses import hinge_triplet_loss, infonce_loss, multi_view_decorrelation
+from avse.progress import progress
+from avse.tracking import Tracker
+from avse.training.checkpoint import load_checkpoint, save_checkpoint
+from avse.training.distributed import DistContext, all_reduce_sum, barrier, gather_with_grad, init_distributed, shutdown
+from avse.training.optim import build_optimizer, lr_factor, resolve_precision
+
+log = logging.getLogger("avse.train")
+
+MODELS = Path("models")
+TRAIN_METRICS = Path("metrics/train.json")
+# Settings that change how a run is observed or how long it goes on, not what it computes:
+# a checkpoint written under other values of these is still resumed.
+NOT_HASHED = {"train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.max_bad_steps", "data.num_workers"}
+
+
+class TrainingError(AvseError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses)."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # loader batches of `epoch` already consumed
+    step: int = 0  # optimiser steps
+    best_rsum: float = -1.0
+    best_epoch: int = -1
+    bad_in_a_row: int = 0
+    skipped_steps: int = 0
+
+
+def training_hash(config: Config) -> str:
+    flat = {k: v for k, v in config.flat().items() if k.split(".")[0] in ("data", "model", "train") and k not in NOT_HASHED}
+    return stable_hash(flat)
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """A per-epoch shuffle cut into global batches of `world * batch_size`; each rank takes its contiguous slice.
+
+    The same seed and epoch give the same global batches for any number of processes,
+    and an epoch can start at any batch (resuming mid-epoch). The last partial global
+    batch is dropped, so every step has a full batch of negatives.
+    """
+
+    def __init__(self, size: int, batch_size: int, ctx: DistContext, seed: int):
+        self.size, self.batch_size, self.ctx, self.seed = size, batch_size, ctx, seed
+        self.global_batch = batch_size * ctx.world_size
+        self.batches_per_epoch = size // self.global_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        offset = self.ctx.rank * self.batch_size
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            start = batch * self.global_batch + offset
+            yield from order[start : start + self.batch_size]
+
+
+class Collate:
+    """Stack images, tokenize captions, keep image positions as the caption groups."""
+
+    def __init__(self, tokenize: CaptionTokenizer):
+        self.tokenize = tokenize
+
+    def __call__(self, items: list[tuple[Tensor, str, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        images, captions, positions = zip(*items)
+        input_ids, attention_mask = self.tokenize(list(captions))
+        return torch.stack(images), input_ids, attention_mask, torch.tensor(positions)
+
+
+def contrastive_loss(model: AVSE, img: Tensor, cap: Tensor, groups: Tensor, ctx: DistContext, config: Config, epoch: int) -> Tensor:
+    """This rank's share of the objective, scaled so that summing over ranks and averaging gradients is exact.
+
+    img `[b, V * E]`, cap `[b, E]`, groups `[b]` (image ids) are the local batch. The
+    similarity is computed on the gathered global batch `[B, B]`; this rank's queries are
+    its own images (rows) and its own captions (columns).
+    """
+    train = config.train
+    all_img = gather_with_grad(img.float(), ctx)  # [B, V * E]
+    all_cap = gather_with_grad(cap.float(), ctx)  # [B, E]
+    all_groups = _gather_ints(groups, ctx) if ctx.distributed else groups  # [B]
+    b = img.size(0)
+    local = slice(ctx.rank * b, (ctx.rank + 1) * b)
+    positive = torch.arange(b, device=img.device) + ctx.rank * b  # [b]
+    sims = model.similarity(all_img, all_cap)  # [B, B]
+    i2t, t2i = sims[local], sims[:, local].T  # [b, B] each
+    if train.loss == "hinge":
+        hardest = epoch >= train.warmup_epochs
+        local_loss = hinge_triplet_loss(i2t, positive, groups, all_groups, train.margin, hardest=hardest) + hinge_triplet_loss(
+            t2i, positive, groups, all_groups, train.margin, hardest=hardest
+        )
+        share = local_loss * ctx.world_size  # a sum over queries: the ranks' parts add up to it
+    else:
+        # Mean cosine over text blocks, so the temperature means what it means in CLIP.
+        scale, blocks = model.scaled_logit_scale(), model.text_blocks
+        share = (infonce_loss(i2t / blocks, positive, groups, all_groups, scale) + infonce_loss(t2i / blocks, positive, groups, all_groups, scale)) / 2
+    views = model.image_encoder.views
+    if views > 1 and train.decorrelation_weight > 0:
+        per_view = all_img.view(all_img.size(0), views, -1)  # [B, V, E]
+        share = share + train.decorrelation_weight * multi_view_decorrelation(per_view)
+    return share
+
+
+def _gather_ints(x: Tensor, ctx: DistContext) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def forward_backward(
+    ddp_model: torch.nn.Module, model: AVSE, batch: tuple[Tensor, ...], ctx: DistContext, config: Config,
+    epoch: int, dtype: torch.dtype, scaler: torch.amp.GradScaler, loss_scale: float = 1.0,
+) -> tuple[float, bool]:
+    """One micro-batch: forward, loss and backward. Returns (the global objective, whether it was finite)."""
+    images, input_ids, attention_mask, groups = (t.to(ctx.device, non_blocking=True) for t in batch)
+    with autocast(ctx.device, dtype):
+        img, cap = ddp_model(images, input_ids, attention_mask)
+    share = contrastive_loss(model, img, cap, groups, ctx, config, epoch)
+    objective = all_reduce_sum(share.detach(), ctx) / ctx.world_size
+    finite = bool(torch.isfinite(objective))  # identical on every rank, so they all skip together
+    if finite:
+        scaler.scale(share * loss_scale).backward()
+    return float(objective), finite
+
+
+def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> None:
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer, config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Recall metrics of the model on a prepared evaluation split (5 captions per image)."""
+    img = encode_images(model, split, config.data.img_res, config.embed.batch_size, device, dtype)
+    cap = encode_captions(model, split.captions, tokenize, config.embed.batch_size, device, dtype)
+    with torch.no_grad():
+        sims = model.similarity(img.to(device), cap.to(device), chunk_size=config.eval.chunk_size)
+    return recall_metrics(sims.cpu())
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_tags(config: Config) -> dict[str, str]:
+    """Tags the MLflow UI groups and filters runs by."""
+    return {
+        "dataset": config.data.dataset,
+        "backbone": config.model.vision.name,
+        "text_backbone": config.model.text.name,
+        "resolution": str(config.data.img_res),
+        "views": str(config.model.views),
+        "matching": config.model.matching,
+        "git_commit": git_commit(),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+    }
+
+
+def train(config: Config, out_dir: Path = MODELS) -> TrainState:
+    ctx = init_distributed()
+    dtype = resolve_precision(config.train.precision, ctx.device)
+    train_cfg = config.train
+
+    # Data
+    prepared = prepared_dir(config)
+    tokenize = CaptionTokenizer(tokenizer_for(config.model.text.name, config.model.text.init, prepared), config.model.text.max_len)
+    train_split = PreparedSplit.load(prepared, "train")
+    dev_split = PreparedSplit.load(prepared, "dev")
+    dataset = PairDataset(train_split, config.data.img_res)
+    sampler = GlobalBatchSampler(len(dataset), train_cfg.batch_size, ctx, train_cfg.seed)
+    if sampler.batches_per_epoch < train_cfg.grad_accum:
+        raise TrainingError(
+            f"train.batch_size: {train_cfg.batch_size} x {ctx.world_size} processes x {train_cfg.grad_accum} accumulation "
+            f"needs more than the {len(dataset)} training captions"
+        )
+    loader = DataLoader(
+        dataset, batch_size=train_cfg.batch_size, sampler=sampler, collate_fn=Collate(tokenize),
+        num_workers=config.data.num_workers, pin_memory=ctx.device.type == "cuda",
+        persistent_workers=config.data.num_workers > 0, drop_last=True,
+    )
+    steps_per_epoch = sampler.batches_per_epoch // train_cfg.grad_accum
+    total_steps = train_cfg.epochs * steps_per_epoch
+    if train_cfg.max_steps:
+        total_steps = min(total_steps, train_cfg.max_steps)
+
+    # Model and optimiser
+    model = build_model(config, len(tokenize.tokenizer)).to(ctx.device)
+    optimizer = build_optimizer(model, train_cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
+
+    # Resume
+    state, run_id = TrainState(), None
+    config_hash = training_hash(config)
+    last_path = out_dir / "last.pt"
+    if last_path.exists():
+        checkpoint = load_checkpoint(last_path)
+        if checkpoint["config_hash"] == config_hash:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            state = TrainState(**checkpoint["state"])
+            run_id = checkpoint["run_id"] or None
+            if ctx.is_main:
+                log.info("resuming from %s at step %d (epoch %d)", last_path, state.step, state.epoch)
+        elif ctx.is_main:
+            log.warning("%s was written with other parameters; starting afresh", last_path)
+
+    ddp_model = DistributedDataParallel(model) if ctx.distributed else model
+    tracker = Tracker(config.tracking, active=ctx.is_main)
+    run_id = tracker.start(run_id, run_name=f"{config.data.dataset}-{config.model.vision.name.split('/')[-1]}", params=config.flat(), tags=run_tags(config))
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenize.tokenizer.save_pretrained(out_dir / "tokenizer")  # trained models carry their vocabulary
+        write_json(out_dir / "run.json", {"run_id": run_id, "config_hash": config_hash, "tracking_uri": config.tracking.uri, "experiment": config.tracking.experiment})
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model: %.2fM parameters, %s precision, %d process(es), %d steps of global batch %d",
+                 n_params / 1e6, str(dtype).removeprefix("torch."), ctx.world_size, total_steps, sampler.global_batch)
+
+    def save_last() -> None:
+        if ctx.is_main:
+            save_checkpoint(last_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "state": asdict(state), "config_hash": config_hash, "run_id": run_id or "",
+            })
+
+    def evaluate_and_select() -> None:
+        if ctx.is_main:
+            metrics = evaluate_split(model, dev_split, tokenize, config, ctx.device, dtype)
+            tracker.log_metrics({f"dev_{k}": v for k, v in metrics.items()} | {"epoch": state.epoch}, state.step)
+            log.info("epoch %d step %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f)", state.epoch, state.step, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"])
+            if metrics["rsum"] > state.best_rsum:
+                state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
+                save_checkpoint(out_dir / "best.pt", {
+                    "model": model.state_dict(), "config": config.to_dict(), "config_hash": config_hash,
+                    "step": state.step, "epoch": state.epoch, "dev_metrics": metrics, "vocab_size": len(tokenize.tokenizer),
+                })
+        barrier(ctx)
+
+    bar = progress(total=total_steps, initial=state.step, desc="train", unit="step", disable=not ctx.is_main)
+    started, pairs_done, data_wait, losses = time.perf_counter(), 0, 0.0, []
+    model.train()
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch, state.batch_in_epoch)
+        wait_start = time.perf_counter()
+        for batch in loader:
+            data_wait += time.perf_counter() - wait_start
+            # Randomness (views, token drop, dropout) is a function of (seed, rank, batch), so a resumed run repeats it.
+            torch.manual_seed(hash((train_cfg.seed, ctx.rank, state.epoch, state.batch_in_epoch)) % 2**63)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(state.step, steps_per_epoch, train_cfg)
+            sync = (state.batch_in_epoch + 1) % train_cfg.grad_accum == 0
+            with ddp_model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext():
+                objective, finite = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler, 1 / train_cfg.grad_accum)
+            state.batch_in_epoch += 1
+            if not finite:
+                state.bad_in_a_row += 1
+                state.skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.step, state.bad_in_a_row)
+                tracker.log_metrics({"skipped_steps": state.skipped_steps}, state.step)
+                if state.bad_in_a_row >= train_cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"{state.bad_in_a_row} consecutive non-finite losses (train.max_bad_steps); "
+                        f"the last good checkpoint is {last_path}"
+                    )
+            else:
+                state.bad_in_a_row = 0
+                losses.append(objective)
+            if sync:
+                if finite:
+                    optimizer_step(model, optimizer, scaler, train_cfg.grad_clip)
+                state.step += 1
+                pairs_done += sampler.global_batch * train_cfg.grad_accum
+                elapsed = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}")
+                if state.step % train_cfg.log_every == 0 and losses:
+                    tracker.log_metrics({
+                        "loss": float(np.mean(losses[-train_cfg.log_every:])), "lr": optimizer.param_groups[-1]["lr"],
+                        "pairs_per_s": pairs_done / elapsed, "data_wait_fraction": data_wait / elapsed,
+                    }, state.step)
+                if train_cfg.ckpt_every_steps and state.step % train_cfg.ckpt_every_steps == 0:
+                    save_last()
+                if state.step >= total_steps:
+                    break
+            wait_start = time.perf_counter()
+        if state.batch_in_epoch == sampler.batches_per_epoch:  # the epoch is complete
+            optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation window
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            evaluate_and_select()
+            save_last()
+    bar.close()
+
+    if state.best_epoch < 0 or state.batch_in_epoch:
+        evaluate_and_select()  # a run that stopped mid-epoch is evaluated where it stopped
+    save_last()
+    elapsed = time.perf_counter() - started
+    if ctx.is_main:
+        summary = {
+            "steps": state.step, "epochs": state.epoch, "best_dev_rsum": state.best_rsum, "best_epoch": state.best_epoch,
+            "train_seconds": round(elapsed, 1), "pairs_per_s": round(pairs_done / elapsed, 1) if pairs_done else 0.0,
+            "data_wait_fraction": round(data_wait / elapsed, 4) if pairs_done else 0.0,
+            "final_loss": float(np.mean(losses[-train_cfg.log_every:])) if losses else float("nan"),
+            "skipped_steps": state.skipped_steps,
+        }
+        write_json(TRAIN_METRICS, summary)
+        tracker.log_metrics({"train_seconds": summary["train_seconds"], "best_dev_rsum": state.best_rsum}, state.step)
+        tracker.log_artifact(out_dir / "best.pt", "checkpoints")
+        tracker.finish()
+        log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, summary["pairs_per_s"])
+    barrier(ctx)
+    shutdown(ctx)
+    return state
+
+

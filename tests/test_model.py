@@ -1,0 +1,120 @@
+"""Backbones, encoders and the AVSE model."""
+
+import pytest
+import torch
+
+from avse.config import from_dict
+from avse.errors import ConfigError
+from avse.model import backbones
+from avse.model.avse import build_model
+
+
+def config(**model):
+    data = model.pop("data", {})
+    return from_dict({"data": data, "model": model})
+
+
+def batch(b: int, res: int, vocab: int = 100, length: int = 9):
+    images = torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8)
+    input_ids = torch.randint(5, vocab, (b, length))
+    mask = torch.ones_like(input_ids)
+    mask[0, 6:] = 0
+    return images, input_ids, mask
+
+
+def test_registry_holds_the_published_configs():
+    vit = backbones.REGISTRY["google/vit-base-patch16-224-in21k"].config
+    assert (vit["hidden_size"], vit["num_hidden_layers"], vit["patch_size"], vit["image_size"]) == (768, 12, 16, 224)
+    swin = backbones.REGISTRY["microsoft/swin-base-patch4-window12-384-in22k"].config
+    assert (swin["embed_dim"], swin["depths"], swin["window_size"], swin["image_size"]) == (128, [2, 2, 18, 2], 12, 384)
+
+
+@pytest.mark.parametrize("vision, img_res", [
+    ("google/vit-base-patch16-224-in21k", 256),
+    ("google/vit-base-patch16-384", 384),
+    ("microsoft/swin-base-patch4-window7-224-in22k", 224),
+    ("microsoft/swin-base-patch4-window12-384-in22k", 384),
+])
+def test_paper_architectures_build_randomly_and_train_one_step(vision, img_res):
+    cfg = config(vision={"name": vision}, text={"name": "bert-base-uncased"}, embed_size=1024, block_dim=256, data={"img_res": img_res})
+    model = build_model(cfg, vocab_size=30522).train()
+    images, input_ids, mask = batch(2, img_res, vocab=30522)
+    img, cap = model(images, input_ids, mask)
+    assert img.shape == (2, 2 * 1024) and cap.shape == (2, 1024)
+    model.similarity(img, cap).sum().backward()
+    assert model.image_encoder.backbone.embeddings.patch_embeddings.projection.weight.grad is not None
+    assert model.text_encoder.backbone.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("vision", ["vit-tiny", "swin-tiny"])
+def test_image_embedding_views_are_unit_norm_and_eval_is_deterministic(vision):
+    model = build_model(config(vision={"name": vision}), vocab_size=100)
+    images, _, _ = batch(3, 64)
+    model.eval()
+    with torch.no_grad():
+        first, second = model.encode_image(images), model.encode_image(images)
+    assert torch.equal(first, second)
+    norms = first.view(3, 2, 256).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones(3, 2))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model.encode_image(images), model.encode_image(images))  # random views while training
+
+
+def test_vit_views_run_the_kept_tokens_only():
+    model = build_model(config(keep_ratio=0.5, eval_keep_ratio=0.25, size_augment=False), vocab_size=100)
+    encoder = model.image_encoder
+    pixels = encoder.normalize_pixels(batch(2, 64)[0])
+    model.train()
+    tokens, indices = encoder.view_tokens(pixels)
+    assert tokens.shape == (2 * 2, 1 + 32, 128) and indices.shape == (2, 2, 32)
+    model.eval()
+    tokens, indices = encoder.view_tokens(pixels)
+    assert tokens.shape == (2 * 2, 1 + 16, 128)
+
+
+def test_swin_views_come_from_the_final_grid():
+    model = build_model(config(vision={"name": "swin-tiny"}, keep_ratio=0.5), vocab_size=100).train()
+    tokens, indices = model.image_encoder.view_tokens(model.image_encoder.normalize_pixels(batch(2, 64)[0]))
+    assert model.image_encoder.grid == 8  # 64 / patch 4 / 2 (two stages)
+    assert tokens.shape == (2 * 2, 32, 96) and int(indices.max()) < 64
+
+
+def test_swin_window_must_fit_the_resolution():
+    with pytest.raises(ConfigError, match=r"data.img_res: 16 is too small for model.vision.name 4-token windows .* use at least 32"):
+        build_model(config(vision={"name": "swin-tiny"}, data={"img_res": 16}), vocab_size=100)
+
+
+def test_text_longer_than_the_backbone_positions_is_refused():
+    with pytest.raises(ConfigError, match=r"model.text.max_len: 300 is longer than bert-tiny's 128 positions"):
+        build_model(config(text={"name": "bert-tiny", "max_len": 300}), vocab_size=100)
+
+
+def test_unknown_backbone_name_is_explained(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.vision.name: cannot load a config for 'no-such-model'"):
+        build_model(config(vision={"name": "no-such-model"}), vocab_size=100)
+
+
+def test_text_backbone_must_be_bert():
+    with pytest.raises(ConfigError, match=r"model.text.name: 'vit-tiny' is a vit model, expected bert"):
+        build_model(config(text={"name": "vit-tiny"}), vocab_size=100)
+
+
+def test_pretrained_minilm_text_encoder_loads_offline():
+    cfg = config(text={"name": "minilm", "init": "pretrained"})
+    model = build_model(cfg, vocab_size=None)
+    assert model.text_encoder.backbone.config.hidden_size == 384
+    from avse.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(backbones.source("minilm"))
+    encoded = tokenizer(["a red circle"], return_tensors="pt")
+    assert model.encode_text(encoded["input_ids"], encoded["attention_mask"]).shape == (1, 256)
+
+
+def test_single_view_full_block_similarity_is_cosine():
+    model = build_model(config(views=1, block_dim=256), vocab_size=100).eval()
+    images, input_ids, mask = batch(3, 64)
+    with torch.no_grad():
+        img, cap = model(images, input_ids, mask)
+        expected = torch.nn.functional.normalize(img, dim=1) @ torch.nn.functional.normalize(cap, dim=1).T
+        torch.testing.assert_close(model.similarity(img, cap), expected)

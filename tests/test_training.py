@@ -1,0 +1,97 @@
+"""Training: sampler, schedule, precision, distributed equivalence, resume."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from avse.config import from_dict
+from avse.training import optim
+from avse.training.distributed import DistContext
+from avse.training.loop import GlobalBatchSampler, training_hash
+
+from conftest import REPO, run
+
+CPU = torch.device("cpu")
+
+
+def batches(sampler: GlobalBatchSampler) -> list[list[int]]:
+    order = list(sampler)
+    return [order[i : i + sampler.batch_size] for i in range(0, len(order), sampler.batch_size)]
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    one = GlobalBatchSampler(30, 6, DistContext(0, 0, 1, CPU), seed=3)
+    ranks = [GlobalBatchSampler(30, 3, DistContext(r, r, 2, CPU), seed=3) for r in range(2)]
+    for sampler in (one, *ranks):
+        sampler.set_epoch(2)
+    expected = batches(one)
+    assert len(expected) == 5
+    assert [a + b for a, b in zip(batches(ranks[0]), batches(ranks[1]))] == expected
+    assert sorted(i for batch in expected for i in batch) == list(range(30))
+
+
+def test_sampler_shuffles_per_epoch_and_resumes_mid_epoch():
+    sampler = GlobalBatchSampler(40, 4, DistContext(0, 0, 1, CPU), seed=0)
+    sampler.set_epoch(0)
+    epoch0 = batches(sampler)
+    sampler.set_epoch(1)
+    assert batches(sampler) != epoch0
+    sampler.set_epoch(0, start_batch=7)
+    assert batches(sampler) == epoch0[7:]
+    assert len(sampler) == 3 * 4
+
+
+def test_partial_global_batch_is_dropped():
+    sampler = GlobalBatchSampler(10, 4, DistContext(0, 0, 1, CPU), seed=0)
+    assert sampler.batches_per_epoch == 2 and len(list(sampler)) == 8
+
+
+def test_lr_schedule_warmup_and_step_decay():
+    train = from_dict({"train": {"warmup_steps": 4, "lr_decay_epochs": [2, 3], "lr_decay_rate": 0.5}}).train
+    factors = [optim.lr_factor(step, steps_per_epoch=10, config=train) for step in (0, 3, 10, 19, 20, 30, 45)]
+    assert factors == pytest.approx([0.25, 1.0, 1.0, 1.0, 0.5, 0.25, 0.25])
+
+
+def test_precision(monkeypatch):
+    assert optim.resolve_precision("fp16", CPU) == torch.float16
+    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: False)
+    assert optim.resolve_precision("auto", CPU) == torch.float32
+    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: True)
+    assert optim.resolve_precision("auto", CPU) == torch.bfloat16
+
+
+def test_parameter_groups_and_learning_rates():
+    from avse.model.avse import build_model
+
+    config = from_dict({"train": {"lr": 1e-3, "backbone_lr_mult": 0.1, "weight_decay": 0.05}})
+    model = build_model(config, vocab_size=100)
+    optimizer = optim.build_optimizer(model, config.train)
+    by_lr = {(g["lr"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
+    assert set(by_lr) == {(1e-4, 0.05), (1e-4, 0.0), (1e-3, 0.05), (1e-3, 0.0)}
+    # Every trainable parameter is in exactly one group; the unused dustbin (max matching) in none.
+    grouped = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert not model.dustbin.requires_grad and model.logit_scale.requires_grad
+    head_no_decay = next(g for g in optimizer.param_groups if g["lr"] == 1e-3 and g["weight_decay"] == 0.0)
+    assert any(p is model.logit_scale for p in head_no_decay["params"])
+
+
+def test_resume_hash_ignores_run_length_but_not_the_model():
+    base = from_dict({})
+    assert training_hash(base) == training_hash(from_dict({"train": {"epochs": 50, "max_steps": 7, "log_every": 1}}))
+    assert training_hash(base) != training_hash(from_dict({"train": {"lr": 0.1}}))
+    assert training_hash(base) != training_hash(from_dict({"model": {"views": 1}}))
+
+
+@pytest.mark.parametrize("loss", ["infonce", "hinge"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, loss):
+    worker = str(REPO / "tests" / "ddp_worker.py")
+    run([sys.executable, worker, str(tmp_path / "one.pt"), loss], cwd=REPO)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(tmp_path / "two.pt"), loss], cwd=REPO)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["objective"] == pytest.approx(one["objective"], rel=1e-5)
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 20
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
