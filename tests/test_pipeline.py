@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from conftest import run
@@ -42,14 +43,26 @@ def test_dvc_repro_runs_the_pipeline_and_then_has_nothing_to_do(project):
     set_params(project, TINY | {"train": TINY["train"] | {"nproc_per_node": 2}})
     run(["dvc", "repro"], cwd=project)
     models = project / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["best.pt", "last.pt", "run.json"]
+    assert sorted(p.name for p in models.iterdir()) == ["best.pt", "last.pt", "run.json", "tokenizer"]
     summary = json.loads((project / "metrics" / "train.json").read_text())
     assert summary["steps"] == 200 // 32 and summary["epochs"] == 1
+    # Evaluation outputs: metrics per protocol, plots, per-query results.
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    keys = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"}
+    assert set(metrics) == {"1k"} and set(metrics["1k"]) == keys
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], cwd=project).stdout)
+    assert shown[""]["data"]["metrics/eval.json"]["data"]["1k"]["rsum"] == metrics["1k"]["rsum"]
+    assert (project / "metrics" / "recall_curve.csv").read_text().count("\n") == 11
+    assert (project / "metrics" / "recall_curve.png").stat().st_size > 1000
+    assert (project / "outputs" / "eval" / "t2i.csv").read_text().count("\n") == 51
+    assert (project / "outputs" / "eval" / "i2t.csv").read_text().count("\n") == 11
+    # One MLflow run although two processes trained; evaluation reported into it.
     runs = mlflow_runs(project)
-    assert len(runs) == 1  # two processes, one MLflow run
+    assert len(runs) == 1
     assert runs[0].info.run_id == json.loads((models / "run.json").read_text())["run_id"]
     assert runs[0].data.params["train.nproc_per_node"] == "2"
     assert runs[0].data.tags["dataset"] == "synthetic" and "dev_rsum" in runs[0].data.metrics
+    assert runs[0].data.metrics["test_1k_rsum"] == pytest.approx(metrics["1k"]["rsum"], abs=1e-3)
     prepared = project / "data" / "prepared" / "synthetic"
     stats = json.loads((prepared / "stats.json").read_text())
     assert (stats["train"]["captions"], stats["dev"]["images"], stats["test"]["images"]) == (200, 10, 10)

@@ -40,6 +40,11 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
 
 
+def _leading_view(buffer: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+    """The first ``prod(shape)`` elements of a flat ``buffer`` viewed as ``shape``; None without a buffer."""
+    return None if buffer is None else buffer[: math.prod(shape)].view(shape)
+
+
 def meta_similarity(
     img: Tensor,
     cap: Tensor,
@@ -65,8 +70,9 @@ def meta_similarity(
     Both reductions run over an outer axis, i.e. element-wise over contiguous rows of
     length ``nt * cj`` and ``cj``, which vectorises well; the GEMM dominates the time.
     The intermediate holds at most ``chunk_size**2 * nv * nt`` elements (the default
-    384 gives 18.9 MB in fp32 for ``nv = 8``, ``nt = 4``), small enough to stay in the
-    allocator's cache instead of being page-faulted in again for every tile.
+    384 gives 18.9 MB in fp32 for ``nv = 8``, ``nt = 4``, a tile shape at which the
+    GEMM runs as fast as one big GEMM); without autograd it lives in a buffer reused
+    by every tile.
 
     Args:
         img: ``[N, Di]`` image embeddings, ``Di`` a multiple of ``block_dim``.
@@ -97,7 +103,17 @@ def meta_similarity(
     image_rows = img_blocks.to(compute_dtype).reshape(n_images * n_views, block_dim)  # [N * nv, b], rows (i, v)
     text_by_block = cap_blocks.to(compute_dtype).transpose(0, 1)  # [nt, M, b]
 
-    sims = torch.empty(n_images, n_captions, dtype=result_dtype, device=img.device)
+    # Without autograd, the GEMM and the max write into buffers reused by every tile:
+    # a fresh multi-megabyte output per tile costs page faults and zero-filling worth
+    # about a tenth of the GEMM on CPU. Autograd needs new tensors (out= is not differentiable).
+    reuse_buffers = not (torch.is_grad_enabled() and (img.requires_grad or cap.requires_grad))
+    tile_images_max, tile_captions_max = min(chunk_size, n_images), min(chunk_size, n_captions)
+    cos_buffer = max_buffer = None
+    if reuse_buffers:
+        cos_buffer = img.new_empty(tile_images_max * n_views * n_text_blocks * tile_captions_max, dtype=compute_dtype)
+        max_buffer = img.new_empty(tile_images_max * n_text_blocks * tile_captions_max, dtype=compute_dtype)
+
+    sims = img.new_empty(n_images, n_captions, dtype=result_dtype)
     for cap_start in range(0, n_captions, chunk_size):
         cap_end = min(cap_start + chunk_size, n_captions)
         tile_captions = cap_end - cap_start
@@ -106,9 +122,16 @@ def meta_similarity(
         for img_start in range(0, n_images, chunk_size):
             img_end = min(img_start + chunk_size, n_images)
             tile_images = img_end - img_start
-            block_cos = image_rows[img_start * n_views : img_end * n_views] @ text_rows.T  # [ci * nv, nt * cj]
-            block_cos = block_cos.view(tile_images, n_views, n_text_blocks, tile_captions)  # [ci, nv, nt, cj]
-            best_view = block_cos.amax(dim=1)  # [ci, nt, cj]
+            block_cos = torch.matmul(
+                image_rows[img_start * n_views : img_end * n_views],
+                text_rows.T,
+                out=_leading_view(cos_buffer, (tile_images * n_views, n_text_blocks * tile_captions)),
+            )  # [ci * nv, nt * cj]
+            best_view = torch.amax(
+                block_cos.view(tile_images, n_views, n_text_blocks, tile_captions),  # [ci, nv, nt, cj]
+                dim=1,
+                out=_leading_view(max_buffer, (tile_images, n_text_blocks, tile_captions)),
+            )  # [ci, nt, cj]
             sims[img_start:img_end, cap_start:cap_end] = best_view.sum(dim=1, dtype=result_dtype)  # [ci, cj]
     return sims
 
@@ -217,7 +240,7 @@ def sinkhorn_similarity(
     image_rows = img_blocks.reshape(n_images * n_views, block_dim)  # [N * nv, b], rows (i, v)
     text_by_block = cap_blocks.transpose(0, 1)  # [nt, M, b]
 
-    sims = torch.empty(n_images, n_captions, dtype=result_dtype, device=device)
+    sims = img.new_empty(n_images, n_captions, dtype=result_dtype)
     for cap_start in range(0, n_captions, chunk_size):
         cap_end = min(cap_start + chunk_size, n_captions)
         tile_captions = cap_end - cap_start

@@ -63,6 +63,7 @@ class TrainState:
     step: int = 0  # optimiser steps
     best_rsum: float = -1.0
     best_epoch: int = -1
+    evaluated_step: int = -1  # step of the last dev evaluation (known to every rank)
     bad_in_a_row: int = 0
     skipped_steps: int = 0
 
@@ -275,6 +276,7 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
             })
 
     def evaluate_and_select() -> None:
+        state.evaluated_step = state.step
         if ctx.is_main:
             metrics = evaluate_split(model, dev_split, tokenize, config, ctx.device, dtype)
             tracker.log_metrics({f"dev_{k}": v for k, v in metrics.items()} | {"epoch": state.epoch}, state.step)
@@ -342,7 +344,7 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
             save_last()
     bar.close()
 
-    if state.best_epoch < 0 or state.batch_in_epoch:
+    if state.evaluated_step != state.step:
         evaluate_and_select()  # a run that stopped mid-epoch is evaluated where it stopped
     save_last()
     elapsed = time.perf_counter() - started
