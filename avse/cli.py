@@ -54,6 +54,38 @@ def _cmd_train(args: argparse.Namespace) -> None:
     pipeline.train(config)
 
 
+def _cmd_search(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from avse.data.dataset import PreparedSplit
+    from avse.data.prepare import prepared_dir
+    from avse.evaluation import search
+    from avse.pipeline import EMBEDDINGS
+    from avse.training.loop import MODELS
+
+    if (args.query is None) == (args.image is None):
+        raise AvseError("search: give either a text query or --image PATH")
+    config = _config(args)
+    split_name = args.split or config.embed.split
+    split = PreparedSplit.load(prepared_dir(config), split_name)
+    index = search.SearchIndex.load(MODELS, EMBEDDINGS / split_name, split)
+    if args.query is not None:
+        hits = index.text_to_images(args.query, args.k)
+        print(f'top {len(hits)} {split_name} images for "{args.query}":')
+    else:
+        hits = index.image_to_captions(args.image, args.k)
+        print(f"top {len(hits)} {split_name} captions for {args.image}:")
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank:>3}  {hit.score:8.4f}  {hit.text}")
+    if args.out:
+        out = Path(args.out)
+        if args.query is not None:
+            search.render_text_query(args.query, hits, out)
+        else:
+            search.render_image_query(args.image, hits, out)
+        print(f"wrote {out}")
+
+
 def _cmd_params(args: argparse.Namespace) -> None:
     for key, value in _config(args).flat().items():
         print(f"{key}: {value}")
@@ -92,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dry-run", action="store_true", help="run a few steps on random inputs of the configured shape, no data needed")
     sub.add_argument("--steps", type=int, default=3, help="timed steps of --dry-run (default: %(default)s)")
     sub.set_defaults(run=_cmd_train)
+
+    sub = commands.add_parser("search", help="top-k images for a text query, or top-k captions for an image")
+    _add_config_options(sub)
+    sub.add_argument("query", nargs="?", help="a caption to search images with")
+    sub.add_argument("--image", help="an image file to search captions with")
+    sub.add_argument("-k", type=int, default=5, help="results to return (default: %(default)s)")
+    sub.add_argument("--split", help="embedded split to search (default: embed.split)")
+    sub.add_argument("--out", help="write the query and the results as one picture (PNG)")
+    sub.set_defaults(run=_cmd_search)
 
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
     _add_config_options(sub)

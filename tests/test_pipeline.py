@@ -70,6 +70,19 @@ def test_dvc_repro_runs_the_pipeline_and_then_has_nothing_to_do(project):
     again = run(["dvc", "repro"], cwd=project)
     assert "didn't change, skipping" in again.stdout
     assert "Running stage" not in again.stdout
+    # Embedding and evaluating again gives identical results (deterministic evaluation views).
+    before = {name: (project / name).read_bytes() for name in ("metrics/eval.json", "outputs/eval/t2i.csv", "outputs/eval/i2t.csv")}
+    run(["python", "-m", "stages.embed"], cwd=project)
+    evaluated = run(["python", "-m", "stages.evaluate"], cwd=project)
+    assert "rsum" in evaluated.stdout and "1k" in evaluated.stdout  # the printed table
+    assert {name: (project / name).read_bytes() for name in before} == before
+    # Retrieval from the command line, in both directions.
+    found = run(["python", "-m", "avse.cli", "search", "a red circle", "-k", "3", "--out", "grid.png"], cwd=project)
+    assert found.stdout.splitlines()[0] == 'top 3 test images for "a red circle":' and len(found.stdout.splitlines()) == 5
+    assert (project / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    image = next((project / "data" / "synthetic-images").glob("test_*.jpg"))
+    found = run(["python", "-m", "avse.cli", "search", "--image", str(image), "-k", "2"], cwd=project)
+    assert found.stdout.splitlines()[0] == f"top 2 test captions for {image}:"
     # An edited parameter reruns exactly the stages that read it.
     set_params(project, {"data": {"cache_res": 16}})
     third = run(["dvc", "repro", "prepare"], cwd=project)

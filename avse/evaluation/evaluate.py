@@ -102,23 +102,25 @@ def write_per_query(sims: Tensor, captions: list[str], image_ids: Tensor, image_
     """`t2i.csv` (one row per caption) and `i2t.csv` (one row per image): rank, ground truth, top-5 with scores."""
     out_dir.mkdir(parents=True, exist_ok=True)
     i2t_ranks, t2i_ranks = recall_ranks(sims)
-    cpi = sims.size(1) // sims.size(0)
-    t2i_scores, t2i_top = sims.topk(TOP_K, dim=0)  # [K, n_captions]
-    i2t_scores, i2t_top = sims.topk(TOP_K, dim=1)  # [n_images, K]
+    n_images, n_captions = sims.shape
+    cpi = n_captions // n_images
+    k_images, k_captions = min(TOP_K, n_images), min(TOP_K, n_captions)
+    t2i_scores, t2i_top = sims.topk(k_images, dim=0)  # [k, n_captions]
+    i2t_scores, i2t_top = sims.topk(k_captions, dim=1)  # [n_images, k]
     with (out_dir / "t2i.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["caption_index", "caption", "image_id", "image_path", "rank"]
-                        + [f"top{k + 1}_{c}" for k in range(TOP_K) for c in ("image_id", "score")])
+                        + [f"top{k + 1}_{c}" for k in range(k_images) for c in ("image_id", "score")])
         for j, caption in enumerate(captions):
             gt = j // cpi
-            tops = [v for k in range(TOP_K) for v in (int(image_ids[t2i_top[k, j]]), round(float(t2i_scores[k, j]), 5))]
+            tops = [v for k in range(k_images) for v in (int(image_ids[t2i_top[k, j]]), round(float(t2i_scores[k, j]), 5))]
             writer.writerow([j, caption, int(image_ids[gt]), image_paths[gt], int(t2i_ranks[j])] + tops)
     with (out_dir / "i2t.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_index", "image_id", "image_path", "rank"]
-                        + [f"top{k + 1}_{c}" for k in range(TOP_K) for c in ("caption_index", "caption", "score")])
-        for i in range(sims.size(0)):
-            tops = [v for k in range(TOP_K) for v in (int(i2t_top[i, k]), captions[i2t_top[i, k]], round(float(i2t_scores[i, k]), 5))]
+                        + [f"top{k + 1}_{c}" for k in range(k_captions) for c in ("caption_index", "caption", "score")])
+        for i in range(n_images):
+            tops = [v for k in range(k_captions) for v in (int(i2t_top[i, k]), captions[i2t_top[i, k]], round(float(i2t_scores[i, k]), 5))]
             writer.writerow([i, int(image_ids[i]), image_paths[i], int(i2t_ranks[i])] + tops)
 
 
