@@ -6,7 +6,7 @@ import torch
 
 from avse.config import from_dict
 from avse.model.avse import build_model
-from avse.training.distributed import init_distributed
+from avse.training.distributed import init_distributed, shutdown
 from avse.training.loop import forward_backward
 
 GLOBAL_BATCH = 8
@@ -39,8 +39,7 @@ def main(out_path: str, loss: str) -> None:
     if ctx.is_main:
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         torch.save({"objective": objective, "grads": grads}, out_path)
-    if ctx.distributed:
-        torch.distributed.destroy_process_group()
+    shutdown(ctx)
 
 
 if __name__ == "__main__":

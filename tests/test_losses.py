@@ -10,8 +10,12 @@ from avse.model.losses import (
     hinge_triplet_loss,
     infonce_loss,
     multi_view_decorrelation,
-    view_decorrelation_loss,
 )
+
+
+def view_decorrelation_loss(a, b):
+    """The regulariser between two views `[B, D]`."""
+    return multi_view_decorrelation(torch.stack([a, b], dim=1))
 
 
 def t(rows: list) -> torch.Tensor:

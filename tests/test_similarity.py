@@ -131,10 +131,18 @@ def test_sinkhorn_plan_marginals():
     torch.testing.assert_close(plan.sum(dim=0, keepdim=True), col_mass.expand(1, -1, n_pairs))
 
 
-@pytest.mark.parametrize(("iters", "temperature", "dustbin"), [(1, 0.5, 0.0), (20, 0.1, 0.3), (50, 0.05, -0.5)])
-def test_sinkhorn_similarity_matches_per_pair_reference(iters, temperature, dustbin):
+@pytest.mark.parametrize(
+    ("iters", "temperature", "dustbin", "img_dim", "cap_dim"),
+    [
+        (1, 0.5, 0.0, 12, 8),  # 3 image blocks, 2 text blocks
+        (20, 0.1, 0.3, 12, 8),
+        (50, 0.05, -0.5, 12, 8),
+        (20, 0.1, -0.5, 8, 12),  # 2 image blocks, 3 text blocks
+    ],
+)
+def test_sinkhorn_similarity_matches_per_pair_reference(iters, temperature, dustbin, img_dim, cap_dim):
     torch.manual_seed(5)
-    img, cap = torch.randn(5, 12), torch.randn(7, 8)  # 3 image blocks, 2 text blocks
+    img, cap = torch.randn(5, img_dim), torch.randn(7, cap_dim)
     sims = sinkhorn_similarity(img, cap, 4, torch.tensor(dustbin), iters, chunk_size=3, temperature=temperature)
     expected = torch.tensor(
         [

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from avse.errors import DataError
-from avse.evaluation.recall import coco_5fold_1k, metrics_from_ranks, recall_at_k_curve, recall_ranks
+from avse.evaluation.recall import coco_5fold_1k, recall_at_k_curve, recall_metrics, recall_ranks
 from avse.model.similarity import meta_similarity, sinkhorn_similarity
 from avse.training.checkpoint import load_checkpoint
 
@@ -65,7 +65,7 @@ def protocol_metrics(sims: Tensor, protocol: str) -> dict[str, float]:
     """`1k`/`5k`: the whole matrix; `5fold1k`: COCO's 5 folds of 1000 images, averaged."""
     if protocol == "5fold1k":
         return coco_5fold_1k(sims)
-    return metrics_from_ranks(*recall_ranks(sims))
+    return recall_metrics(sims)
 
 
 def resolve_protocols(protocol: str, dataset: str) -> tuple[str, ...]:

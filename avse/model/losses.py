@@ -107,7 +107,3 @@ def multi_view_decorrelation(views: Tensor, eps: float = 1e-5) -> Tensor:
     eye = torch.eye(dim, device=views.device)
     return ((corr - eye) ** 2).sum(dim=(1, 2)).mean() / dim
 
-
-def view_decorrelation_loss(view_a: Tensor, view_b: Tensor, eps: float = 1e-5) -> Tensor:
-    """Decorrelation between two views ``[B, D]`` each; see :func:`multi_view_decorrelation`."""
-    return multi_view_decorrelation(torch.stack([view_a, view_b], dim=1), eps=eps)

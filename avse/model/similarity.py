@@ -49,7 +49,7 @@ def meta_similarity(
     img: Tensor,
     cap: Tensor,
     block_dim: int,
-    chunk_size: int = 384,
+    chunk_size: int = 256,
     *,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -69,10 +69,11 @@ def meta_similarity(
 
     Both reductions run over an outer axis, i.e. element-wise over contiguous rows of
     length ``nt * cj`` and ``cj``, which vectorises well; the GEMM dominates the time.
-    The intermediate holds at most ``chunk_size**2 * nv * nt`` elements (the default
-    384 gives 18.9 MB in fp32 for ``nv = 8``, ``nt = 4``, a tile shape at which the
-    GEMM runs as fast as one big GEMM); without autograd it lives in a buffer reused
-    by every tile.
+    The intermediate holds at most ``chunk_size**2 * nv * nt`` elements. The default
+    256 gives 8.4 MB in fp32 for ``nv = 8``, ``nt = 4``: it stays in a CPU's L3 cache,
+    so the max reads what the GEMM just wrote from cache, and the GEMM still runs as
+    fast as one big GEMM. Without autograd it lives in a buffer reused by every tile.
+    The best tile size depends on the device: ``benchmarks/scoring.py --chunk-size``.
 
     Args:
         img: ``[N, Di]`` image embeddings, ``Di`` a multiple of ``block_dim``.
@@ -186,12 +187,13 @@ def sinkhorn_similarity(
       scores nothing.
 
     Because each image block takes at most unit mass, this is a soft one-to-one
-    matching: as ``temperature -> 0`` it tends to the best partial assignment of text
-    blocks to distinct image blocks, with a text block left unmatched where no image
-    block beats ``z``. For ``z`` below -1 every text block is matched (``nv >= nt``) and
-    the limit is the optimal assignment score, which is at most :func:`meta_similarity`
-    and equal to it when the text blocks' best image blocks are all different. A large
-    ``z`` (above 1) sends everything to the dustbins and the similarity to 0.
+    matching. As ``temperature -> 0`` the plan tends to the matching of text blocks to
+    distinct image blocks that maximises ``sum (C[v, t] - z)`` over matched pairs (all
+    dustbin entries hold ``z``, so the rest of the plan adds a constant). For ``z``
+    below -1 every pair gains, so as many text blocks as possible are matched (all
+    when ``nv >= nt``) and the limit is the optimal assignment score: at most
+    :func:`meta_similarity`, and equal to it when the text blocks' best image blocks
+    are all different. For ``z`` above 1 no pair gains, and the limit is 0.
 
     Pairs are scored tile by tile: the block cosines of a tile of ``ci`` images by
     ``cj`` captions are one GEMM, laid out as ``[nv, nt, ci * cj]`` so that the Sinkhorn

@@ -361,7 +361,6 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
         tracker.log_artifact(out_dir / "best.pt", "checkpoints")
         tracker.finish()
         log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, summary["pairs_per_s"])
-    barrier(ctx)
     shutdown(ctx)
     return state
 
