@@ -124,7 +124,7 @@ class EmbedConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     protocol: Literal["auto", "1k", "5fold1k", "5k"] = "auto"
-    chunk_size: int = field(default=1024, metadata=POSITIVE)
+    chunk_size: int = field(default=256, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)

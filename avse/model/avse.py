@@ -42,7 +42,7 @@ class AVSE(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.text_encoder(input_ids, attention_mask)
 
-    def similarity(self, img: Tensor, cap: Tensor, chunk_size: int = 384) -> Tensor:
+    def similarity(self, img: Tensor, cap: Tensor, chunk_size: int = 256) -> Tensor:
         """`[N, Di]` x `[M, Dt]` -> `[N, M]`; a sum over the `Dt / block_dim` text blocks."""
         if self.matching == "sinkhorn":
             return sinkhorn_similarity(img, cap, self.block_dim, self.dustbin, self.sinkhorn_iters, chunk_size)
