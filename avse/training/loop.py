@@ -326,7 +326,7 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
                 pairs_done += sampler.global_batch * train_cfg.grad_accum
                 elapsed = time.perf_counter() - started
                 bar.update(1)
-                bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}")
+                bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}", refresh=False)
                 if state.step % train_cfg.log_every == 0 and losses:
                     tracker.log_metrics({
                         "loss": float(np.mean(losses[-train_cfg.log_every:])), "lr": optimizer.param_groups[-1]["lr"],
