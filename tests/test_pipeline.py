@@ -100,6 +100,13 @@ def test_interrupted_training_resumes_from_its_checkpoint(project):
     assert json.loads((project / "metrics" / "train.json").read_text())["steps"] == 5
     assert json.loads((project / "models" / "run.json").read_text())["run_id"] == first_run
     assert len(mlflow_runs(project)) == 1
+    # A finished run whose best.pt was removed (as `dvc repro` does before rerunning) writes it again.
+    (project / "models" / "best.pt").unlink()
+    third = run(train + ["-S", "train.max_steps=5"], cwd=project)
+    assert "resuming from models/last.pt at step 5" in third.stderr
+    assert (project / "models" / "best.pt").exists()
+    summary = json.loads((project / "metrics" / "train.json").read_text())
+    assert summary["steps"] == 5 and summary["pairs_per_s"] > 0 and summary["final_loss"] is not None
 
 
 def test_bad_params_stop_the_stage_with_one_line(project):

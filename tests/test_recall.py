@@ -174,3 +174,11 @@ def test_wrong_shapes_raise():
         recall_metrics(torch.zeros(3, 15), captions_per_image=2)
     with pytest.raises(ValueError, match="do not split into folds of 4"):
         coco_5fold_1k(torch.zeros(10, 50), fold_size=4)
+
+
+def test_nan_scores_rank_last_not_first():
+    sims = torch.eye(3).repeat_interleave(5, dim=1)
+    sims[1] = float("nan")  # a diverged model must not look perfect
+    metrics = recall_metrics(sims)
+    assert metrics["i2t_r1"] == pytest.approx(200 / 3) and metrics["rsum"] < 600
+    assert recall_metrics(torch.full((20, 100), float("nan")))["rsum"] == 0.0  # every rank the worst

@@ -9,7 +9,7 @@ import torch
 from avse.config import from_dict
 from avse.training import optim
 from avse.training.distributed import DistContext
-from avse.training.loop import GlobalBatchSampler, training_hash
+from avse.training.loop import GlobalBatchSampler, optimizer_step, training_hash
 
 from conftest import REPO, run
 
@@ -78,11 +78,37 @@ def test_parameter_groups_and_learning_rates():
     assert any(p is model.logit_scale for p in head_no_decay["params"])
 
 
-def test_resume_hash_ignores_run_length_but_not_the_model():
-    base = from_dict({})
-    assert training_hash(base) == training_hash(from_dict({"train": {"epochs": 50, "max_steps": 7, "log_every": 1}}))
-    assert training_hash(base) != training_hash(from_dict({"train": {"lr": 0.1}}))
-    assert training_hash(base) != training_hash(from_dict({"model": {"views": 1}}))
+def test_resume_hash_ignores_run_length_but_not_model_data_or_layout(tmp_path):
+    (tmp_path / "train.csv").write_text("image_id,image_file,image_path,caption\n0,a.jpg,a.jpg,a dog\n")
+
+    def digest(tree=None, world=1, dtype=torch.float32):
+        return training_hash(from_dict(tree or {}), world, dtype, tmp_path)
+
+    base = digest()
+    assert base == digest({"train": {"epochs": 50, "max_steps": 7, "log_every": 1}})
+    assert base != digest({"train": {"lr": 0.1}})
+    assert base != digest({"model": {"views": 1}})
+    assert base != digest(world=2) and base != digest(dtype=torch.bfloat16)
+    (tmp_path / "train.csv").write_text("image_id,image_file,image_path,caption\n0,a.jpg,a.jpg,a cat\n")
+    assert base != digest()
+
+
+def test_epochs_hold_whole_accumulation_windows():
+    sampler = GlobalBatchSampler(50, 4, DistContext(0, 0, 1, CPU), seed=0, accumulation=5)
+    assert sampler.batches_per_epoch == 10  # 12 batches fit, 2 whole windows of 5
+
+
+def test_non_finite_gradients_are_not_applied():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = model.weight.detach().clone()
+    model(torch.tensor([[float("inf"), 1.0]])).sum().backward()
+    assert not optimizer_step(model, optimizer, scaler, grad_clip=2.0)
+    assert torch.equal(model.weight, before) and model.weight.grad is None
+    model(torch.tensor([[1.0, 1.0]])).sum().backward()
+    assert optimizer_step(model, optimizer, scaler, grad_clip=0.0)
+    assert not torch.equal(model.weight, before)
 
 
 @pytest.mark.parametrize("loss", ["infonce", "hinge"])

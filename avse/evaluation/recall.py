@@ -34,6 +34,9 @@ def _as_score_matrix(sims: Tensor | np.ndarray, captions_per_image: int) -> Tens
             f"sims must be [n_images, n_images * captions_per_image] = "
             f"[n, n * {captions_per_image}], got shape {tuple(sims.shape)}"
         )
+    if sims.is_floating_point() and bool(torch.isnan(sims).any()):
+        # NaN compares false with everything, which would rank it first: score it last instead.
+        sims = sims.nan_to_num(nan=float("-inf"))
     return sims
 
 

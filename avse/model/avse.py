@@ -67,10 +67,14 @@ class AVSE(nn.Module):
         return groups
 
 
-def build_model(config: Config, vocab_size: int | None) -> AVSE:
-    """The configured model; `vocab_size` sizes a randomly initialised text backbone's embeddings."""
+def build_model(config: Config, vocab_size: int | None, vision_image_size: int | None = None) -> AVSE:
+    """The configured model; `vocab_size` sizes a randomly initialised text backbone's embeddings.
+
+    `vision_image_size` is the resolution the vision backbone's position embeddings were
+    built for, when trained weights are about to be loaded into it.
+    """
     model_cfg, img_res = config.model, config.data.img_res
-    family, vision = backbones.build(model_cfg.vision, "model.vision", ("vit", "swin"), input_res=img_res)
+    family, vision = backbones.build(model_cfg.vision, "model.vision", ("vit", "swin"), input_res=img_res, native_res=vision_image_size)
     text_overrides = {"vocab_size": vocab_size} if model_cfg.text.init == "random" else {}
     _, text = backbones.build(model_cfg.text, "model.text", ("bert",), **text_overrides)
     if model_cfg.text.max_len > text.config.max_position_embeddings:
@@ -104,6 +108,6 @@ def from_checkpoint(checkpoint: dict) -> tuple[AVSE, Config]:
         vision=dataclasses.replace(trained.model.vision, init="random"),
         text=dataclasses.replace(trained.model.text, init="random"),
     ))
-    model = build_model(architecture, checkpoint["vocab_size"])
+    model = build_model(architecture, checkpoint["vocab_size"], checkpoint["vision_image_size"])
     model.load_state_dict(checkpoint["model"])
     return model.eval(), trained

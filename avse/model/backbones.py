@@ -97,15 +97,17 @@ def check_swin_fits(config: SwinConfig, input_res: int, key: str) -> None:
 
 
 def build(
-    spec: BackboneConfig, key: str, expected: tuple[Family, ...], input_res: int | None = None, **overrides: Any
+    spec: BackboneConfig, key: str, expected: tuple[Family, ...], input_res: int | None = None,
+    native_res: int | None = None, **overrides: Any,
 ) -> tuple[Family, PreTrainedModel]:
     """Build a backbone without its pooling head, random or pretrained per `spec.init`.
 
     `input_res` is the image resolution fed to a vision backbone: a random one is built
-    for it; a pretrained ViT keeps its position embeddings and interpolates them.
+    for it (or for `native_res`, the resolution of trained weights about to be loaded);
+    a pretrained ViT keeps its position embeddings and interpolates them.
     """
     if input_res is not None and spec.init == "random":
-        overrides["image_size"] = input_res
+        overrides["image_size"] = native_res or input_res
     family, config = load_config(spec, key, expected, **overrides)
     if family == "swin":
         check_swin_fits(config, input_res or config.image_size, key)

@@ -10,7 +10,9 @@ averaged gradients equal those of one process on the same global batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import math
 import os
 import subprocess
 import time
@@ -66,11 +68,19 @@ class TrainState:
     evaluated_step: int = -1  # step of the last dev evaluation (known to every rank)
     bad_in_a_row: int = 0
     skipped_steps: int = 0
+    train_seconds: float = 0.0  # summed over resumed sessions
+    pairs_seen: int = 0
+    recent_loss: float = float("nan")
 
 
-def training_hash(config: Config) -> str:
+def training_hash(config: Config, world_size: int, dtype: torch.dtype, prepared: Path) -> str:
+    """What a checkpoint must share with this run to be resumed: parameters (less run length and
+    logging), the training data, the model and training code, the process layout and the precision."""
     flat = {k: v for k, v in config.flat().items() if k.split(".")[0] in ("data", "model", "train") and k not in NOT_HASHED}
-    return stable_hash(flat)
+    package = Path(__file__).resolve().parents[1]
+    inputs = [prepared / "train.csv", *sorted((package / "model").glob("*.py")), *sorted((package / "training").glob("*.py"))]
+    digests = {str(path.relative_to(path.parents[1])): hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs}
+    return stable_hash({"params": flat, "files": digests, "world_size": world_size, "dtype": str(dtype)})
 
 
 class GlobalBatchSampler(Sampler[int]):
@@ -81,10 +91,11 @@ class GlobalBatchSampler(Sampler[int]):
     batch is dropped, so every step has a full batch of negatives.
     """
 
-    def __init__(self, size: int, batch_size: int, ctx: DistContext, seed: int):
+    def __init__(self, size: int, batch_size: int, ctx: DistContext, seed: int, accumulation: int = 1):
         self.size, self.batch_size, self.ctx, self.seed = size, batch_size, ctx, seed
         self.global_batch = batch_size * ctx.world_size
-        self.batches_per_epoch = size // self.global_batch
+        # Whole accumulation windows only, so that an epoch ends on an optimiser step.
+        self.batches_per_epoch = size // self.global_batch // accumulation * accumulation
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -168,13 +179,17 @@ def forward_backward(
     return float(objective), finite
 
 
-def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> None:
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> bool:
+    """Clip and apply the accumulated gradients; returns False (and applies nothing) if they are not finite."""
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # Gradients are identical on every rank after DDP's all-reduce, so all ranks decide alike.
+    finite = scaler.is_enabled() or bool(torch.isfinite(norm))  # the fp16 scaler skips non-finite steps itself
+    if finite:
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return finite
 
 
 def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer, config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -218,8 +233,8 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
     train_split = PreparedSplit.load(prepared, "train")
     dev_split = PreparedSplit.load(prepared, "dev")
     dataset = PairDataset(train_split, config.data.img_res)
-    sampler = GlobalBatchSampler(len(dataset), train_cfg.batch_size, ctx, train_cfg.seed)
-    if sampler.batches_per_epoch < train_cfg.grad_accum:
+    sampler = GlobalBatchSampler(len(dataset), train_cfg.batch_size, ctx, train_cfg.seed, train_cfg.grad_accum)
+    if sampler.batches_per_epoch == 0:
         raise TrainingError(
             f"train.batch_size: {train_cfg.batch_size} x {ctx.world_size} processes x {train_cfg.grad_accum} accumulation "
             f"needs more than the {len(dataset)} training captions"
@@ -242,24 +257,28 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
 
     # Resume
     state, run_id = TrainState(), None
-    config_hash = training_hash(config)
-    last_path = out_dir / "last.pt"
+    config_hash = training_hash(config, ctx.world_size, dtype, prepared)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last_path.exists():
         checkpoint = load_checkpoint(last_path)
         if checkpoint["config_hash"] == config_hash:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            scaler.load_state_dict(checkpoint["scaler"])
+            if checkpoint["scaler"]:  # empty when the run did not use fp16 loss scaling
+                scaler.load_state_dict(checkpoint["scaler"])
             state = TrainState(**checkpoint["state"])
             run_id = checkpoint["run_id"] or None
+            if not best_path.exists():  # e.g. removed by `dvc repro` before rerunning the stage
+                state.best_rsum, state.evaluated_step = -1.0, -1
             if ctx.is_main:
                 log.info("resuming from %s at step %d (epoch %d)", last_path, state.step, state.epoch)
         elif ctx.is_main:
-            log.warning("%s was written with other parameters; starting afresh", last_path)
+            log.warning("%s was written with other parameters, data, code or process layout; starting afresh", last_path)
 
     ddp_model = DistributedDataParallel(model) if ctx.distributed else model
     tracker = Tracker(config.tracking, active=ctx.is_main)
-    run_id = tracker.start(run_id, run_name=f"{config.data.dataset}-{config.model.vision.name.split('/')[-1]}", params=config.flat(), tags=run_tags(config))
+    run_name = f"{config.data.dataset}-{config.model.vision.name.split('/')[-1]}"
+    run_id = tracker.start(run_id, run_name=run_name, params=config.flat(), tags=run_tags(config)) or run_id
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         tokenize.tokenizer.save_pretrained(out_dir / "tokenizer")  # trained models carry their vocabulary
@@ -283,82 +302,100 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
             log.info("epoch %d step %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f)", state.epoch, state.step, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"])
             if metrics["rsum"] > state.best_rsum:
                 state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
-                save_checkpoint(out_dir / "best.pt", {
+                save_checkpoint(best_path, {
                     "model": model.state_dict(), "config": config.to_dict(), "config_hash": config_hash,
                     "step": state.step, "epoch": state.epoch, "dev_metrics": metrics, "vocab_size": len(tokenize.tokenizer),
+                    "vision_image_size": model.image_encoder.backbone.config.image_size,
                 })
         barrier(ctx)
 
     bar = progress(total=total_steps, initial=state.step, desc="train", unit="step", disable=not ctx.is_main)
-    started, pairs_done, data_wait, losses = time.perf_counter(), 0, 0.0, []
-    model.train()
-    while state.step < total_steps:
-        sampler.set_epoch(state.epoch, state.batch_in_epoch)
-        wait_start = time.perf_counter()
-        for batch in loader:
-            data_wait += time.perf_counter() - wait_start
-            # Randomness (views, token drop, dropout) is a function of (seed, rank, batch), so a resumed run repeats it.
-            torch.manual_seed(hash((train_cfg.seed, ctx.rank, state.epoch, state.batch_in_epoch)) % 2**63)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_factor(state.step, steps_per_epoch, train_cfg)
-            sync = (state.batch_in_epoch + 1) % train_cfg.grad_accum == 0
-            with ddp_model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext():
-                objective, finite = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler, 1 / train_cfg.grad_accum)
-            state.batch_in_epoch += 1
-            if not finite:
-                state.bad_in_a_row += 1
-                state.skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.step, state.bad_in_a_row)
-                tracker.log_metrics({"skipped_steps": state.skipped_steps}, state.step)
-                if state.bad_in_a_row >= train_cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{state.bad_in_a_row} consecutive non-finite losses (train.max_bad_steps); "
-                        f"the last good checkpoint is {last_path}"
-                    )
-            else:
-                state.bad_in_a_row = 0
-                losses.append(objective)
-            if sync:
-                if finite:
-                    optimizer_step(model, optimizer, scaler, train_cfg.grad_clip)
-                state.step += 1
-                pairs_done += sampler.global_batch * train_cfg.grad_accum
-                elapsed = time.perf_counter() - started
-                bar.update(1)
-                bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}", refresh=False)
-                if state.step % train_cfg.log_every == 0 and losses:
-                    tracker.log_metrics({
-                        "loss": float(np.mean(losses[-train_cfg.log_every:])), "lr": optimizer.param_groups[-1]["lr"],
-                        "pairs_per_s": pairs_done / elapsed, "data_wait_fraction": data_wait / elapsed,
-                    }, state.step)
-                if train_cfg.ckpt_every_steps and state.step % train_cfg.ckpt_every_steps == 0:
-                    save_last()
-                if state.step >= total_steps:
-                    break
+    started, pairs_done, data_wait, losses, window_finite = time.perf_counter(), 0, 0.0, [], True
+
+    def run_loop() -> None:
+        nonlocal pairs_done, data_wait, window_finite
+        last_tick = time.perf_counter()
+        model.train()
+        while state.step < total_steps:
+            sampler.set_epoch(state.epoch, state.batch_in_epoch)
             wait_start = time.perf_counter()
-        if state.batch_in_epoch == sampler.batches_per_epoch:  # the epoch is complete
-            optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation window
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            evaluate_and_select()
-            save_last()
-    bar.close()
+            for batch in loader:
+                data_wait += time.perf_counter() - wait_start
+                # Randomness (views, token drop, dropout) is a function of (seed, rank, batch), so a resumed run repeats it.
+                torch.manual_seed(hash((train_cfg.seed, ctx.rank, state.epoch, state.batch_in_epoch)) % 2**63)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * lr_factor(state.step, steps_per_epoch, train_cfg)
+                sync = (state.batch_in_epoch + 1) % train_cfg.grad_accum == 0
+                with ddp_model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext():
+                    objective, finite = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler, 1 / train_cfg.grad_accum)
+                state.batch_in_epoch += 1
+                window_finite = window_finite and finite
+                if finite:
+                    losses.append(objective)
+                if sync:
+                    if window_finite and optimizer_step(model, optimizer, scaler, train_cfg.grad_clip):
+                        state.bad_in_a_row = 0
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        state.bad_in_a_row += 1
+                        state.skipped_steps += 1
+                        log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", state.step, state.bad_in_a_row)
+                        tracker.log_metrics({"skipped_steps": state.skipped_steps}, state.step)
+                        if state.bad_in_a_row >= train_cfg.max_bad_steps:
+                            raise TrainingError(
+                                f"{state.bad_in_a_row} consecutive non-finite steps (train.max_bad_steps); "
+                                f"the last good checkpoint is {last_path}"
+                            )
+                    window_finite = True
+                    state.step += 1
+                    pairs_done += sampler.global_batch * train_cfg.grad_accum
+                    state.pairs_seen += sampler.global_batch * train_cfg.grad_accum
+                    now = time.perf_counter()
+                    state.train_seconds += now - last_tick
+                    last_tick, elapsed = now, now - started
+                    if losses:
+                        state.recent_loss = float(np.mean(losses[-train_cfg.log_every:]))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}", refresh=False)
+                    if state.step % train_cfg.log_every == 0 and losses:
+                        tracker.log_metrics({
+                            "loss": state.recent_loss, "lr": optimizer.param_groups[-1]["lr"],
+                            "pairs_per_s": pairs_done / elapsed, "data_wait_fraction": data_wait / elapsed,
+                        }, state.step)
+                    if train_cfg.ckpt_every_steps and state.step % train_cfg.ckpt_every_steps == 0:
+                        save_last()
+                    if state.step >= total_steps:
+                        break
+                wait_start = time.perf_counter()
+            if state.batch_in_epoch >= sampler.batches_per_epoch:  # the epoch is complete
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                evaluate_and_select()
+                save_last()
+                last_tick = time.perf_counter()  # evaluation time is not training time
+
+    try:
+        run_loop()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        bar.close()
 
     if state.evaluated_step != state.step:
         evaluate_and_select()  # a run that stopped mid-epoch is evaluated where it stopped
     save_last()
-    elapsed = time.perf_counter() - started
     if ctx.is_main:
         summary = {
             "steps": state.step, "epochs": state.epoch, "best_dev_rsum": state.best_rsum, "best_epoch": state.best_epoch,
-            "train_seconds": round(elapsed, 1), "pairs_per_s": round(pairs_done / elapsed, 1) if pairs_done else 0.0,
-            "data_wait_fraction": round(data_wait / elapsed, 4) if pairs_done else 0.0,
-            "final_loss": float(np.mean(losses[-train_cfg.log_every:])) if losses else float("nan"),
+            "train_seconds": round(state.train_seconds, 1),
+            "pairs_per_s": round(state.pairs_seen / state.train_seconds, 1) if state.train_seconds else 0.0,
+            "data_wait_fraction": round(data_wait / (time.perf_counter() - started), 4),
+            "final_loss": None if math.isnan(state.recent_loss) else round(state.recent_loss, 5),
             "skipped_steps": state.skipped_steps,
         }
         write_json(TRAIN_METRICS, summary)
         tracker.log_metrics({"train_seconds": summary["train_seconds"], "best_dev_rsum": state.best_rsum}, state.step)
-        tracker.log_artifact(out_dir / "best.pt", "checkpoints")
+        tracker.log_artifact(best_path, "checkpoints")
         tracker.finish()
         log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, summary["pairs_per_s"])
     shutdown(ctx)
