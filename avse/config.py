@@ -200,7 +200,9 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     *parents, leaf = key.strip().split(".")
     node = tree
     for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`eval:` with nothing under it)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parents[: i + 1])}: is a value, not a section; cannot set {key}")
         node = child

@@ -122,8 +122,12 @@ def evaluate(config: Config) -> None:
     split = PreparedSplit.load(prepared_dir(config), split_name)
     if len(split.captions) != embeddings.captions.size(0):
         raise AvseError(f"{EMBEDDINGS / split_name}: {embeddings.captions.size(0)} captions, but split {split_name} has {len(split.captions)}; re-run embed")
+    protocols = ev.resolve_protocols(config.eval.protocol, config.data.dataset)
+    n_images = embeddings.images.size(0)
+    if "5fold1k" in protocols and n_images % 1000:
+        raise AvseError(f"eval.protocol: 5fold1k needs a multiple of 1000 images, but {split_name} has {n_images} (were images skipped?)")
     sims = ev.score(embeddings, config.eval.chunk_size)
-    results = {protocol: ev.protocol_metrics(sims, protocol) for protocol in ev.resolve_protocols(config.eval.protocol, config.data.dataset)}
+    results = {protocol: ev.protocol_metrics(sims, protocol) for protocol in protocols}
     write_json(EVAL_METRICS, {protocol: {k: round(v, 4) for k, v in metrics.items()} for protocol, metrics in results.items()})
     ev.write_recall_curve(sims, RECALL_CURVE, RECALL_PLOT, f"{config.data.dataset} {split_name}: R@K")
     ev.write_per_query(sims, split.captions, embeddings.image_ids, split.image_paths, EVAL_OUTPUTS)

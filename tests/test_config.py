@@ -78,3 +78,9 @@ def test_flat_keys_match_documented_names():
                 "model.matching", "train.batch_size", "train.epochs", "train.max_steps",
                 "train.nproc_per_node", "train.precision", "tracking.uri", "tracking.experiment"):
         assert key in flat
+
+
+def test_override_fills_an_empty_section(tmp_path):
+    (tmp_path / "params.yaml").write_text("eval:\n")
+    assert load_config(tmp_path / "params.yaml", ["eval.protocol=5k"]).eval.protocol == "5k"
+

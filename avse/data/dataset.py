@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -74,15 +73,6 @@ class ImageSource:
         return image
 
 
-def random_resized_crop(image: np.ndarray, min_scale: float, rng: np.random.Generator) -> np.ndarray:
-    """A random square crop covering [min_scale, 1] of the area, resized back to the input size."""
-    size = image.shape[0]
-    side = int(round(size * np.sqrt(rng.uniform(min_scale, 1.0))))
-    top, left = rng.integers(0, size - side + 1, size=2)
-    crop = image[top : top + side, left : left + side]
-    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR) if side != size else crop
-
-
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
@@ -90,21 +80,15 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class PairDataset(Dataset):
     """One item per caption: (image uint8 [3, R, R], caption text, image position)."""
 
-    def __init__(self, split: PreparedSplit, resolution: int, crop_scale: float = 1.0, seed: int = 0):
+    def __init__(self, split: PreparedSplit, resolution: int):
         self.split, self.images = split, ImageSource(split, resolution)
-        self.crop_scale, self.seed = crop_scale, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.split.captions)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
         position = int(self.split.caption_image[index])
-        image = self.images[position]
-        if self.crop_scale < 1.0:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image = random_resized_crop(image, self.crop_scale, rng)
-        return to_tensor(image), self.split.captions[index], position
+        return to_tensor(self.images[position]), self.split.captions[index], position
 
 
 class ImageDataset(Dataset):

@@ -170,10 +170,16 @@ def scan_images(paths: list[Path], cache_res: int, cache_path: Path, *, desc: st
 
 
 def _drop_cache_rows(cache_path: Path, rows: list[int]) -> None:
+    """Rewrite the cache without `rows`, a slice at a time (a COCO-sized cache does not fit in memory)."""
     cache = np.load(cache_path, mmap_mode="r")
-    kept = np.delete(np.asarray(cache), rows, axis=0)
-    del cache
-    np.save(cache_path, kept)
+    keep = np.setdiff1d(np.arange(len(cache)), rows)
+    compact_path = cache_path.with_suffix(".compact.npy")
+    compact = np.lib.format.open_memmap(compact_path, mode="w+", dtype=cache.dtype, shape=(len(keep), *cache.shape[1:]))
+    for start in range(0, len(keep), 1024):
+        compact[start : start + 1024] = cache[keep[start : start + 1024]]
+    compact.flush()
+    del cache, compact
+    compact_path.replace(cache_path)
 
 
 def write_index(path: Path, captions: list[Caption], raw: RawDataset, image_dir: Path) -> None:

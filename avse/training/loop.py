@@ -233,6 +233,10 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
     train_split = PreparedSplit.load(prepared, "train")
     dev_split = PreparedSplit.load(prepared, "dev")
     dataset = PairDataset(train_split, config.data.img_res)
+    cache_side = np.load(train_split.cache, mmap_mode="r").shape[1] if train_split.cache else None
+    if cache_side is not None and cache_side < config.data.img_res and ctx.is_main:
+        log.warning("the prepared image cache is %d px but data.img_res is %d: images are upscaled; "
+                    "prepare again with data.cache_res >= %d (or 0)", cache_side, config.data.img_res, config.data.img_res)
     sampler = GlobalBatchSampler(len(dataset), train_cfg.batch_size, ctx, train_cfg.seed, train_cfg.grad_accum)
     if sampler.batches_per_epoch == 0:
         raise TrainingError(
