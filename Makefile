@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test clean
+.PHONY: install run test compare ui clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ run: install
 
 test: install
 	python -m pytest
+
+compare: install
+	avse compare
+
+ui: install
+	mlflow ui --backend-store-uri sqlite:///mlflow.db
 
 clean:
 	rm -rf data/synthetic data/synthetic-images data/prepared models embeddings outputs

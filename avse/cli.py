@@ -86,6 +86,20 @@ def _cmd_search(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from avse.analysis.compare import comparison_table, load_runs, write_comparison
+
+    tracking = _config(args).tracking
+    table = comparison_table(load_runs(tracking.uri, tracking.experiment, args.dataset, args.since))
+    if table.empty:
+        raise AvseError(f"no runs in experiment {tracking.experiment!r} at {tracking.uri} match the filters")
+    for path in write_comparison(table, Path(args.out)):
+        print(f"wrote {path}")
+    print(table[["run_name", "dataset", "backbone", "resolution", "views", "block_dim", "matching", "rsum"]].to_string(index=False))
+
+
 def _cmd_params(args: argparse.Namespace) -> None:
     for key, value in _config(args).flat().items():
         print(f"{key}: {value}")
@@ -133,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--split", help="embedded split to search (default: embed.split)")
     sub.add_argument("--out", help="write the query and the results as one picture (PNG)")
     sub.set_defaults(run=_cmd_search)
+
+    sub = commands.add_parser("compare", help="one row per MLflow run: metrics/comparison.{csv,md,png}")
+    _add_config_options(sub)
+    sub.add_argument("--dataset", help="only runs tagged with this dataset")
+    sub.add_argument("--since", help="only runs started on or after this date (YYYY-MM-DD)")
+    sub.add_argument("--out", default="metrics", help="output folder (default: %(default)s)")
+    sub.set_defaults(run=_cmd_compare)
 
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
     _add_config_options(sub)

@@ -1,0 +1,62 @@
+"""`avse compare` over runs in a real (SQLite) MLflow store."""
+
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from avse.analysis.compare import COLUMNS, comparison_table, load_runs, write_comparison
+from avse.errors import AvseError
+
+
+def log_run(client, experiment_id, name, params, tags, metrics):
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()],
+                     metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+    client.set_terminated(run_id)
+    return run_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("avse", artifact_location=str(tmp_path / "artifacts"))
+    avse = log_run(client, experiment_id, "avse",
+                   {"data.img_res": 224, "model.views": 2, "model.block_dim": 256, "model.matching": "max", "train.epochs": 25},
+                   {"dataset": "f30k", "backbone": "google/vit-base-patch16-224-in21k", "dvc_experiment": "vit-224"},
+                   {"test_1k_rsum": 480.5, "test_1k_i2t_r1": 70.1, "test_1k_t2i_r1": 52.3, "train_seconds": 3600.0, "pairs_per_s": 410.0})
+    baseline = log_run(client, experiment_id, "baseline",
+                       {"data.img_res": 384, "model.views": 1, "model.block_dim": 1024, "model.matching": "max", "train.epochs": 25},
+                       {"dataset": "coco", "backbone": "microsoft/swin-base-patch4-window12-384-in22k"},
+                       {"testall_5fold1k_rsum": 500.0, "testall_5k_rsum": 400.0, "testall_5fold1k_t2i_r1": 60.0})
+    return uri, avse, baseline
+
+
+def test_one_correct_row_per_run(store, tmp_path):
+    uri, avse, baseline = store
+    table = comparison_table(load_runs(uri, "avse"))
+    assert list(table.columns) == COLUMNS and len(table) == 2
+    rows = table.set_index("run_id")
+    assert rows.loc[avse, ["dataset", "resolution", "views", "block_dim", "protocol", "rsum", "i2t_r1", "pairs_per_s", "dvc_experiment"]].tolist() == [
+        "f30k", 224, 2, 256, "1k", 480.5, 70.1, 410.0, "vit-224"]
+    # COCO reports its 5-fold 1K result, the first protocol in order of preference.
+    assert rows.loc[baseline, ["protocol", "rsum", "t2i_r1", "views"]].tolist() == ["5fold1k", 500.0, 60.0, 1]
+    assert pd.isna(rows.loc[baseline, "train_seconds"]) and pd.isna(rows.loc[baseline, "dvc_experiment"])
+    paths = write_comparison(table, tmp_path / "out")
+    assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "comparison.png"]
+    assert pd.read_csv(paths[0]).shape == (2, len(COLUMNS))
+    markdown = paths[1].read_text().splitlines()
+    assert markdown[0].startswith("| run_name | dataset | backbone |") and len(markdown) == 4
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_filters(store):
+    uri, avse, _ = store
+    assert load_runs(uri, "avse", dataset="f30k")["run_id"].tolist() == [avse]
+    assert load_runs(uri, "avse", since="2999-01-01").empty
+    with pytest.raises(AvseError, match="--since: 'yesterday' is not a date"):
+        load_runs(uri, "avse", since="yesterday")
+    with pytest.raises(AvseError, match="no experiment 'other'"):
+        load_runs(uri, "other")
