@@ -100,6 +100,14 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(table[["run_name", "dataset", "backbone", "resolution", "views", "block_dim", "matching", "rsum"]].to_string(index=False))
 
 
+def _cmd_tracking_sync(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from avse.tracking import sync_unsent
+
+    print(f"sent {sync_unsent(Path(args.file))} metric records to MLflow")
+
+
 def _cmd_params(args: argparse.Namespace) -> None:
     for key, value in _config(args).flat().items():
         print(f"{key}: {value}")
@@ -154,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--since", help="only runs started on or after this date (YYYY-MM-DD)")
     sub.add_argument("--out", default="metrics", help="output folder (default: %(default)s)")
     sub.set_defaults(run=_cmd_compare)
+
+    sub = commands.add_parser("tracking-sync", help="send metrics kept while the MLflow store was unreachable")
+    sub.add_argument("file", nargs="?", default="metrics/untracked.jsonl")
+    sub.set_defaults(run=_cmd_tracking_sync)
 
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
     _add_config_options(sub)

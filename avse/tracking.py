@@ -2,8 +2,9 @@
 
 One MLflow run per training run: `start` opens it (or re-opens it when resuming, or when
 a later stage reports into it), and the id is kept in `models/run.json`. Every call is
-guarded: if the tracking store is unreachable the run goes on with one warning, and what
-could not be sent is kept in `metrics/untracked.jsonl` with instructions to import it.
+guarded: if the tracking store is unreachable the run goes on with one warning, metrics
+are queued and sent when it answers again, and what is still unsent at the end is kept in
+`metrics/untracked.jsonl`, which `avse tracking-sync` sends later.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from avse.config import TrackingConfig
+from avse.errors import AvseError
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,16 @@ UNSENT_FILE = Path("metrics/untracked.jsonl")
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a parameter value
 
 
+RETRY_SECONDS = 30.0  # after a failure, queue locally and try the store again this much later
+
+
 class Tracker:
-    """MLflow client for one run; inactive (every call a no-op) off the main process or when disabled."""
+    """MLflow client for one run; inactive (every call a no-op) off the main process or when disabled.
+
+    Metrics are queued and sent in batches; while the store is unreachable they stay in the
+    queue and are sent once it answers again. Whatever is still unsent when the run finishes
+    is written to UNSENT_FILE, which `avse tracking-sync` sends later.
+    """
 
     def __init__(self, config: TrackingConfig, active: bool = True):
         self.config = config
@@ -32,7 +42,13 @@ class Tracker:
         self.run_id: str | None = None
         self._client = None
         self._failed = False
+        self._pending: list[dict[str, Any]] = []
+        self._retry_at = 0.0
+        self._open: Callable[[], None] | None = None  # opens the run; retried while the store is down
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # Fail fast when the server is down (MLflow's defaults retry a call for minutes).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     def start(self, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         """Open (or re-open) the run; returns its id, or None when tracking is off or unreachable."""
@@ -56,33 +72,50 @@ class Tracker:
                     self._client.log_batch(self.run_id, params=values[start : start + 100])
             self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v])
 
-        self._guard("open the MLflow run", open_run)
+        self._open = open_run
+        if not self._guard("open the MLflow run", open_run):
+            self._retry_at = time.monotonic() + RETRY_SECONDS
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
-        timestamp = int(time.time() * 1000)
-
-        def send():
-            from mlflow.entities import Metric
-
-            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
-
-        if self.run_id is None or not self._guard("log metrics", send):
-            self._keep_unsent({"metrics": metrics, "step": step, "timestamp": timestamp})
+        self._pending.append({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step, "timestamp": int(time.time() * 1000)})
+        self._flush()
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.active and self.run_id is not None:
             self._guard(f"log artifact {path}", lambda: self._client.log_artifact(self.run_id, str(path), folder))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.active and self.run_id is not None:
-            self._guard("set tags", lambda: [self._client.set_tag(self.run_id, k, v) for k, v in tags.items()])
-
     def finish(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id is not None:
+        if not self.active:
+            return
+        self._flush(force=True)
+        if self.run_id is not None:
             self._guard("close the MLflow run", lambda: self._client.set_terminated(self.run_id, status=status))
+        if self._pending:
+            UNSENT_FILE.parent.mkdir(parents=True, exist_ok=True)
+            with UNSENT_FILE.open("a", encoding="utf-8") as f:
+                for record in self._pending:
+                    f.write(json.dumps({"tracking_uri": self.config.uri, "run_id": self.run_id, **record}) + "\n")
+            log.warning("MLflow: %d metric records could not be sent; they are in %s: send them with `avse tracking-sync` "
+                        "once %s is reachable", len(self._pending), UNSENT_FILE, self.config.uri)
+            self._pending.clear()
+
+    def _flush(self, force: bool = False) -> None:
+        """Send the queued metrics, unless the store failed less than RETRY_SECONDS ago."""
+        if not self._pending or (not force and time.monotonic() < self._retry_at):
+            return
+        if self.run_id is None and (self._open is None or not self._guard("open the MLflow run", self._open)):
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            return
+        if self._guard("log metrics", lambda: send_metrics(self._client, self.run_id, self._pending)):
+            if self._failed:
+                log.info("MLflow: %s answers again; %d queued metric records sent", self.config.uri, len(self._pending))
+                self._failed = False
+            self._pending.clear()
+        else:
+            self._retry_at = time.monotonic() + RETRY_SECONDS
 
     def _guard(self, what: str, call: Callable[[], Any]) -> bool:
         try:
@@ -90,12 +123,37 @@ class Tracker:
             return True
         except Exception as err:  # any tracking failure: the training result matters more
             if not self._failed:
-                log.warning("MLflow: could not %s at %s (%s); training goes on, unsent metrics go to %s",
-                            what, self.config.uri, str(err).splitlines()[0][:200], UNSENT_FILE)
+                log.warning("MLflow: could not %s at %s (%s); training goes on and metrics are queued",
+                            what, self.config.uri, str(err).splitlines()[0][:200])
             self._failed = True
             return False
 
-    def _keep_unsent(self, record: dict[str, Any]) -> None:
-        UNSENT_FILE.parent.mkdir(parents=True, exist_ok=True)
-        with UNSENT_FILE.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"run_id": self.run_id, **record}) + "\n")
+
+def send_metrics(client, run_id: str, records: list[dict[str, Any]]) -> None:
+    """Log metric records (`{"metrics": {...}, "step": s, "timestamp": ms}`) in batches of 1000."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in records for k, v in r["metrics"].items()]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def sync_unsent(path: Path = UNSENT_FILE) -> int:
+    """Send the records that `Tracker.finish` kept in `path`; returns how many were sent. The file goes once all are sent."""
+    from mlflow.tracking import MlflowClient
+
+    if not path.exists():
+        raise AvseError(f"{path}: nothing to send")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        if not record.get("run_id"):
+            raise AvseError(f"{path}: a record has no MLflow run (the store was never reachable); its metrics are in the file")
+        by_run.setdefault((record["tracking_uri"], record["run_id"]), []).append(record)
+    for (uri, run_id), run_records in by_run.items():
+        try:
+            send_metrics(MlflowClient(tracking_uri=uri), run_id, run_records)
+        except Exception as err:
+            raise AvseError(f"{uri}: could not send metrics of run {run_id} ({str(err).splitlines()[0][:200]})") from None
+    path.unlink()
+    return len(records)

@@ -1,0 +1,125 @@
+"""Tracking against a real `mlflow server` on 127.0.0.1, including the server going away mid-run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from avse import tracking
+from avse.config import TrackingConfig
+from avse.tracking import Tracker, sync_unsent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` in its own process group, so stopping it stops its workers too."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port, self.process = root, port, None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        self.process = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--default-artifact-root", str(self.root / "artifacts")],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/{path}", timeout=10) as response:
+            return json.load(response)
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path, free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def history(server, run_id, key):
+    return [(m["step"], m["value"]) for m in server.get(f"metrics/get-history?run_id={run_id}&metric_key={key}")["metrics"]]
+
+
+def test_run_read_back_over_rest(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(TrackingConfig(uri=server.uri, experiment="avse"))
+    run_id = tracker.start(None, "run", {"train.batch_size": 128, "model.views": 2}, {"dataset": "synthetic"})
+    for step in (10, 20):
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+    (tmp_path / "best.pt").write_bytes(b"weights")
+    tracker.log_artifact(tmp_path / "best.pt", "checkpoints")
+    tracker.log_metrics({"test_1k_rsum": 123.0}, 0)
+    tracker.finish()
+    run = server.get(f"runs/get?run_id={run_id}")["run"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params == {"train.batch_size": "128", "model.views": "2"}
+    assert {t["key"]: t["value"] for t in run["data"]["tags"]}["dataset"] == "synthetic"
+    assert run["info"]["status"] == "FINISHED"
+    assert history(server, run_id, "loss") == [(10, 0.1), (20, 0.05)]
+    assert history(server, run_id, "test_1k_rsum") == [(0, 123.0)]
+    assert (tmp_path / "artifacts").rglob("best.pt").__next__().read_bytes() == b"weights"
+
+
+def test_server_down_mid_run_metrics_arrive_after_restart(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.0)
+    tracker = Tracker(TrackingConfig(uri=server.uri, experiment="avse"))
+    run_id = tracker.start(None, "run", {}, {})
+    tracker.log_metrics({"loss": 3.0}, 1)
+    server.stop()
+    tracker.log_metrics({"loss": 2.0}, 2)  # fails: queued, training goes on
+    assert len(tracker._pending) == 1
+    server.start()
+    tracker.log_metrics({"loss": 1.0}, 3)  # the store answers again: the queue is sent first
+    tracker.finish()
+    assert history(server, run_id, "loss") == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert not (tmp_path / "metrics" / "untracked.jsonl").exists()
+
+
+def test_server_gone_until_the_end_keeps_metrics_for_a_later_sync(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(TrackingConfig(uri=server.uri, experiment="avse"))
+    run_id = tracker.start(None, "run", {}, {})
+    server.stop()
+    tracker.log_metrics({"loss": 2.0}, 5)
+    tracker.log_metrics({"loss": 1.0}, 6)
+    tracker.finish()
+    kept = (tmp_path / "metrics" / "untracked.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [5, 6]
+    server.start()
+    assert sync_unsent(tmp_path / "metrics" / "untracked.jsonl") == 2
+    assert history(server, run_id, "loss") == [(5, 2.0), (6, 1.0)]
+    assert not (tmp_path / "metrics" / "untracked.jsonl").exists()
