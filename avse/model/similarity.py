@@ -45,6 +45,21 @@ def _leading_view(buffer: Tensor | None, shape: tuple[int, ...]) -> Tensor | Non
     return None if buffer is None else buffer[: math.prod(shape)].view(shape)
 
 
+def _tiles(n_images: int, n_captions: int, chunk_size: int, text_by_block: Tensor):
+    """Tiles of at most ``chunk_size`` images by ``chunk_size`` captions, column by column.
+
+    Yields ``((img_start, img_end), (cap_start, cap_end), text_rows)`` with ``text_rows``
+    the tile's text blocks ``[nt * cj, b]``, rows ordered ``(t, j)``: one contiguous copy
+    per column of tiles, reused by every tile of that column.
+    """
+    n_text_blocks, _, block_dim = text_by_block.shape
+    for cap_start in range(0, n_captions, chunk_size):
+        cap_end = min(cap_start + chunk_size, n_captions)
+        text_rows = text_by_block[:, cap_start:cap_end].reshape(n_text_blocks * (cap_end - cap_start), block_dim)
+        for img_start in range(0, n_images, chunk_size):
+            yield (img_start, min(img_start + chunk_size, n_images)), (cap_start, cap_end), text_rows
+
+
 def meta_similarity(
     img: Tensor,
     cap: Tensor,
@@ -115,25 +130,19 @@ def meta_similarity(
         max_buffer = img.new_empty(tile_images_max * n_text_blocks * tile_captions_max, dtype=compute_dtype)
 
     sims = img.new_empty(n_images, n_captions, dtype=result_dtype)
-    for cap_start in range(0, n_captions, chunk_size):
-        cap_end = min(cap_start + chunk_size, n_captions)
-        tile_captions = cap_end - cap_start
-        # One contiguous copy per column of tiles, reused by every row of tiles.
-        text_rows = text_by_block[:, cap_start:cap_end].reshape(n_text_blocks * tile_captions, block_dim)  # [nt * cj, b]
-        for img_start in range(0, n_images, chunk_size):
-            img_end = min(img_start + chunk_size, n_images)
-            tile_images = img_end - img_start
-            block_cos = torch.matmul(
-                image_rows[img_start * n_views : img_end * n_views],
-                text_rows.T,
-                out=_leading_view(cos_buffer, (tile_images * n_views, n_text_blocks * tile_captions)),
-            )  # [ci * nv, nt * cj]
-            best_view = torch.amax(
-                block_cos.view(tile_images, n_views, n_text_blocks, tile_captions),  # [ci, nv, nt, cj]
-                dim=1,
-                out=_leading_view(max_buffer, (tile_images, n_text_blocks, tile_captions)),
-            )  # [ci, nt, cj]
-            sims[img_start:img_end, cap_start:cap_end] = best_view.sum(dim=1, dtype=result_dtype)  # [ci, cj]
+    for (img_start, img_end), (cap_start, cap_end), text_rows in _tiles(n_images, n_captions, chunk_size, text_by_block):
+        tile_images, tile_captions = img_end - img_start, cap_end - cap_start
+        block_cos = torch.matmul(
+            image_rows[img_start * n_views : img_end * n_views],
+            text_rows.T,
+            out=_leading_view(cos_buffer, (tile_images * n_views, n_text_blocks * tile_captions)),
+        )  # [ci * nv, nt * cj]
+        best_view = torch.amax(
+            block_cos.view(tile_images, n_views, n_text_blocks, tile_captions),  # [ci, nv, nt, cj]
+            dim=1,
+            out=_leading_view(max_buffer, (tile_images, n_text_blocks, tile_captions)),
+        )  # [ci, nt, cj]
+        sims[img_start:img_end, cap_start:cap_end] = best_view.sum(dim=1, dtype=result_dtype)  # [ci, cj]
     return sims
 
 
@@ -243,25 +252,20 @@ def sinkhorn_similarity(
     text_by_block = cap_blocks.transpose(0, 1)  # [nt, M, b]
 
     sims = img.new_empty(n_images, n_captions, dtype=result_dtype)
-    for cap_start in range(0, n_captions, chunk_size):
-        cap_end = min(cap_start + chunk_size, n_captions)
-        tile_captions = cap_end - cap_start
-        text_rows = text_by_block[:, cap_start:cap_end].reshape(n_text_blocks * tile_captions, block_dim)  # [nt * cj, b]
-        for img_start in range(0, n_images, chunk_size):
-            img_end = min(img_start + chunk_size, n_images)
-            tile_images = img_end - img_start
-            n_pairs = tile_images * tile_captions
-            block_cos = image_rows[img_start * n_views : img_end * n_views] @ text_rows.T  # [ci * nv, nt * cj]
-            block_cos = (
-                block_cos.view(tile_images, n_views, n_text_blocks, tile_captions)  # [ci, nv, nt, cj]
-                .permute(1, 2, 0, 3)  # [nv, nt, ci, cj]
-                .reshape(n_views, n_text_blocks, n_pairs)  # [nv, nt, P], pairs (i, j) innermost
-            )
-            logits = torch.cat(
-                [block_cos / temperature, dustbin_logit.expand(n_views, 1, n_pairs)], dim=1
-            )  # [nv, nt + 1, P]
-            logits = torch.cat([logits, dustbin_logit.expand(1, n_text_blocks + 1, n_pairs)], dim=0)  # [nv + 1, nt + 1, P]
-            plan = _log_sinkhorn(logits, log_row_mass, log_col_mass, iters).exp()  # [nv + 1, nt + 1, P]
-            matched = (plan[:n_views, :n_text_blocks] * block_cos).sum(dim=(0, 1))  # [P]
-            sims[img_start:img_end, cap_start:cap_end] = matched.view(tile_images, tile_captions)  # [ci, cj]
+    for (img_start, img_end), (cap_start, cap_end), text_rows in _tiles(n_images, n_captions, chunk_size, text_by_block):
+        tile_images, tile_captions = img_end - img_start, cap_end - cap_start
+        n_pairs = tile_images * tile_captions
+        block_cos = image_rows[img_start * n_views : img_end * n_views] @ text_rows.T  # [ci * nv, nt * cj]
+        block_cos = (
+            block_cos.view(tile_images, n_views, n_text_blocks, tile_captions)  # [ci, nv, nt, cj]
+            .permute(1, 2, 0, 3)  # [nv, nt, ci, cj]
+            .reshape(n_views, n_text_blocks, n_pairs)  # [nv, nt, P], pairs (i, j) innermost
+        )
+        logits = torch.cat(
+            [block_cos / temperature, dustbin_logit.expand(n_views, 1, n_pairs)], dim=1
+        )  # [nv, nt + 1, P]
+        logits = torch.cat([logits, dustbin_logit.expand(1, n_text_blocks + 1, n_pairs)], dim=0)  # [nv + 1, nt + 1, P]
+        plan = _log_sinkhorn(logits, log_row_mass, log_col_mass, iters).exp()  # [nv + 1, nt + 1, P]
+        matched = (plan[:n_views, :n_text_blocks] * block_cos).sum(dim=(0, 1))  # [P]
+        sims[img_start:img_end, cap_start:cap_end] = matched.view(tile_images, tile_captions)  # [ci, cj]
     return sims
