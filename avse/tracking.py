@@ -26,6 +26,7 @@ MAX_PARAM_LENGTH = 500  # MLflow's limit on a parameter value
 
 
 RETRY_SECONDS = 30.0  # after a failure, queue locally and try the store again this much later
+SYSTEM_METRICS_SECONDS = 10.0  # sampling interval of CPU, memory and GPU use
 
 
 class Tracker:
@@ -45,13 +46,19 @@ class Tracker:
         self._pending: list[dict[str, Any]] = []
         self._retry_at = 0.0
         self._open: Callable[[], None] | None = None  # opens the run; retried while the store is down
+        self._system = None  # the system metrics monitor of a training run
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         # Fail fast when the server is down (MLflow's defaults retry a call for minutes).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-    def start(self, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
-        """Open (or re-open) the run; returns its id, or None when tracking is off or unreachable."""
+    def start(
+        self, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str], system_metrics: bool = False
+    ) -> str | None:
+        """Open (or re-open) the run; returns its id, or None when tracking is off or unreachable.
+
+        `system_metrics` samples CPU, memory and GPU use into the run until `finish`.
+        """
         if not self.active:
             return None
 
@@ -75,6 +82,13 @@ class Tracker:
         self._open = open_run
         if not self._guard("open the MLflow run", open_run):
             self._retry_at = time.monotonic() + RETRY_SECONDS
+        elif system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(
+                self.run_id, SYSTEM_METRICS_SECONDS, resume_logging=run_id is not None, tracking_uri=self.config.uri
+            )
+            self._guard("start system metrics", self._system.start)
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -90,6 +104,8 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if not self.active:
             return
+        if self._system is not None:
+            self._guard("stop system metrics", self._system.finish)
         self._flush(force=True)
         if self.run_id is not None:
             self._guard("close the MLflow run", lambda: self._client.set_terminated(self.run_id, status=status))

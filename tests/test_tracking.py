@@ -75,13 +75,15 @@ def history(server, run_id, key):
 
 def test_run_read_back_over_rest(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_SECONDS", 0.5)
     tracker = Tracker(TrackingConfig(uri=server.uri, experiment="avse"))
-    run_id = tracker.start(None, "run", {"train.batch_size": 128, "model.views": 2}, {"dataset": "synthetic"})
+    run_id = tracker.start(None, "run", {"train.batch_size": 128, "model.views": 2}, {"dataset": "synthetic"}, system_metrics=True)
     for step in (10, 20):
         tracker.log_metrics({"loss": 1.0 / step}, step)
     (tmp_path / "best.pt").write_bytes(b"weights")
     tracker.log_artifact(tmp_path / "best.pt", "checkpoints")
     tracker.log_metrics({"test_1k_rsum": 123.0}, 0)
+    time.sleep(2)  # a few system metric samples
     tracker.finish()
     run = server.get(f"runs/get?run_id={run_id}")["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -90,6 +92,7 @@ def test_run_read_back_over_rest(server, tmp_path, monkeypatch):
     assert run["info"]["status"] == "FINISHED"
     assert history(server, run_id, "loss") == [(10, 0.1), (20, 0.05)]
     assert history(server, run_id, "test_1k_rsum") == [(0, 123.0)]
+    assert "system/cpu_utilization_percentage" in {m["key"] for m in run["data"]["metrics"]}
     assert (tmp_path / "artifacts").rglob("best.pt").__next__().read_bytes() == b"weights"
 
 

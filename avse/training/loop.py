@@ -282,7 +282,7 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
     ddp_model = DistributedDataParallel(model) if ctx.distributed else model
     tracker = Tracker(config.tracking, active=ctx.is_main)
     run_name = f"{config.data.dataset}-{config.model.vision.name.split('/')[-1]}"
-    run_id = tracker.start(run_id, run_name=run_name, params=config.flat(), tags=run_tags(config)) or run_id
+    run_id = tracker.start(run_id, run_name=run_name, params=config.flat(), tags=run_tags(config), system_metrics=True) or run_id
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         tokenize.tokenizer.save_pretrained(out_dir / "tokenizer")  # trained models carry their vocabulary
