@@ -69,21 +69,16 @@ def embed(config: Config) -> None:
 
     from avse.data.dataset import PreparedSplit
     from avse.data.prepare import prepared_dir
-    from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
-    from avse.evaluation.embed import encode_captions, encode_images
+    from avse.evaluation.embed import encode_captions, encode_images, load_trained
     from avse.io import atomic_path
-    from avse.model.avse import from_checkpoint
-    from avse.training.checkpoint import load_checkpoint
     from avse.training.loop import MODELS
     from avse.training.optim import resolve_precision
 
-    checkpoint = load_checkpoint(MODELS / "best.pt")
-    model, trained = from_checkpoint(checkpoint)
+    model, trained, tokenize, checkpoint = load_trained(MODELS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     dtype = resolve_precision(config.train.precision, device)
     split = PreparedSplit.load(prepared_dir(config), config.embed.split)
-    tokenize = CaptionTokenizer(load_tokenizer(MODELS / "tokenizer"), trained.model.text.max_len)
 
     start = time.perf_counter()
     images = encode_images(model, split, trained.data.img_res, config.embed.batch_size, device, dtype, config.data.num_workers, progress=True)

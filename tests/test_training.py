@@ -1,7 +1,6 @@
 """Training: sampler, schedule, precision, distributed equivalence, resume."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -10,8 +11,19 @@ from torch.utils.data import DataLoader
 from avse.progress import progress as progress_bar
 
 from avse.data.dataset import ImageDataset, PreparedSplit
-from avse.data.tokenizer import CaptionTokenizer
-from avse.model.avse import AVSE
+from avse.config import Config
+from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
+from avse.model.avse import AVSE, from_checkpoint
+from avse.training.checkpoint import load_checkpoint
+
+
+def load_trained(models_dir: Path) -> tuple[AVSE, Config, CaptionTokenizer, dict]:
+    """The trained model of `models_dir/best.pt` (in eval mode), the config it was trained with,
+    its tokenizer (`models_dir/tokenizer`) and the checkpoint itself."""
+    checkpoint = load_checkpoint(models_dir / "best.pt")
+    model, trained = from_checkpoint(checkpoint)
+    tokenize = CaptionTokenizer(load_tokenizer(models_dir / "tokenizer"), trained.model.text.max_len)
+    return model, trained, tokenize, checkpoint
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

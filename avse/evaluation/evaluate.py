@@ -18,7 +18,7 @@ from torch import Tensor
 
 from avse.errors import DataError
 from avse.evaluation.recall import coco_5fold_1k, recall_at_k_curve, recall_metrics, recall_ranks
-from avse.model.similarity import meta_similarity, sinkhorn_similarity
+from avse.model.similarity import block_similarity
 from avse.training.checkpoint import load_checkpoint
 
 PROTOCOLS = {"synthetic": ("1k",), "f30k": ("1k",), "coco": ("5fold1k", "5k")}
@@ -47,11 +47,9 @@ def score(embeddings: Embeddings, chunk_size: int, device: torch.device = torch.
     """Exact `[n_images, n_captions]` similarities with the model's matching."""
     meta = embeddings.meta
     img, cap = embeddings.images.to(device), embeddings.captions.to(device)
+    dustbin = torch.tensor(meta["dustbin"], device=device)
     with torch.no_grad():
-        if meta["matching"] == "sinkhorn":
-            dustbin = torch.tensor(meta["dustbin"], device=device)
-            return sinkhorn_similarity(img, cap, meta["block_dim"], dustbin, meta["sinkhorn_iters"], chunk_size).cpu()
-        return meta_similarity(img, cap, meta["block_dim"], chunk_size).cpu()
+        return block_similarity(img, cap, meta["block_dim"], meta["matching"], chunk_size, dustbin, meta["sinkhorn_iters"]).cpu()
 
 
 def check_layout(embeddings: Embeddings, captions_per_image: int = 5) -> None:

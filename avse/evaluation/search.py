@@ -5,16 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from avse.data.dataset import PreparedSplit
+from avse.data.dataset import PreparedSplit, to_tensor
 from avse.data.images import load_rgb, resize_square
-from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
-from avse.evaluation.embed import encode_captions
+from avse.data.tokenizer import CaptionTokenizer
+from avse.evaluation.embed import encode_captions, load_trained
 from avse.evaluation.evaluate import Embeddings
-from avse.model.avse import AVSE, from_checkpoint
-from avse.training.checkpoint import load_checkpoint
+from avse.model.avse import AVSE
 
 
 @dataclass
@@ -31,8 +29,7 @@ class SearchIndex:
 
     @classmethod
     def load(cls, models_dir: Path, embeddings_dir: Path, split: PreparedSplit) -> "SearchIndex":
-        model, trained = from_checkpoint(load_checkpoint(models_dir / "best.pt"))
-        tokenize = CaptionTokenizer(load_tokenizer(models_dir / "tokenizer"), trained.model.text.max_len)
+        model, trained, tokenize, _ = load_trained(models_dir)
         return cls(model, trained.data.img_res, tokenize, Embeddings.load(embeddings_dir), split)
 
     def text_to_images(self, query: str, k: int) -> list[Hit]:
@@ -45,8 +42,7 @@ class SearchIndex:
 
     def image_to_captions(self, image_path: str | Path, k: int) -> list[Hit]:
         """The `k` captions scoring highest against the image file."""
-        image = resize_square(load_rgb(image_path), self.img_res)
-        pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]  # [1, 3, R, R]
+        pixels = to_tensor(resize_square(load_rgb(image_path), self.img_res))[None]  # [1, 3, R, R]
         with torch.no_grad():
             img = self.model.encode_image(pixels)  # [1, Di]
             scores = self.model.similarity(img, self.embeddings.captions)[0]  # [n_captions]

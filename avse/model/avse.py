@@ -17,7 +17,7 @@ from avse.config import Config
 from avse.errors import ConfigError
 from avse.model import backbones
 from avse.model.encoders import ImageEncoder, TextEncoder
-from avse.model.similarity import meta_similarity, sinkhorn_similarity
+from avse.model.similarity import block_similarity
 
 # CLIP's initial temperature (0.07) and its cap on the logit scale (100).
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
@@ -44,9 +44,7 @@ class AVSE(nn.Module):
 
     def similarity(self, img: Tensor, cap: Tensor, chunk_size: int = 256) -> Tensor:
         """`[N, Di]` x `[M, Dt]` -> `[N, M]`; a sum over the `Dt / block_dim` text blocks."""
-        if self.matching == "sinkhorn":
-            return sinkhorn_similarity(img, cap, self.block_dim, self.dustbin, self.sinkhorn_iters, chunk_size)
-        return meta_similarity(img, cap, self.block_dim, chunk_size)
+        return block_similarity(img, cap, self.block_dim, self.matching, chunk_size, self.dustbin, self.sinkhorn_iters)
 
     @property
     def text_blocks(self) -> int:

@@ -269,3 +269,14 @@ def sinkhorn_similarity(
         matched = (plan[:n_views, :n_text_blocks] * block_cos).sum(dim=(0, 1))  # [P]
         sims[img_start:img_end, cap_start:cap_end] = matched.view(tile_images, tile_captions)  # [ci, cj]
     return sims
+
+
+def block_similarity(
+    img: Tensor, cap: Tensor, block_dim: int, matching: str, chunk_size: int = 256,
+    dustbin: Tensor | None = None, sinkhorn_iters: int = 20,
+) -> Tensor:
+    """``[N, M]`` scores with the configured matching: ``max`` (:func:`meta_similarity`) or
+    ``sinkhorn`` (:func:`sinkhorn_similarity`, which needs the ``dustbin`` score)."""
+    if matching == "sinkhorn":
+        return sinkhorn_similarity(img, cap, block_dim, dustbin, sinkhorn_iters, chunk_size)
+    return meta_similarity(img, cap, block_dim, chunk_size)
