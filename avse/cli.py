@@ -90,9 +90,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from avse.analysis.compare import comparison_table, load_runs, write_comparison
+    from avse.tracking import store_uri
 
     tracking = _config(args).tracking
-    table = comparison_table(load_runs(tracking.uri, tracking.experiment, args.dataset, args.since))
+    table = comparison_table(load_runs(store_uri(tracking.uri), tracking.experiment, args.dataset, args.since))
     if table.empty:
         raise AvseError(f"no runs in experiment {tracking.experiment!r} at {tracking.uri} match the filters")
     for path in write_comparison(table, Path(args.out)):

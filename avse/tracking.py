@@ -29,6 +29,27 @@ RETRY_SECONDS = 30.0  # after a failure, queue locally and try the store again t
 SYSTEM_METRICS_SECONDS = 10.0  # sampling interval of CPU, memory and GPU use
 
 
+def store_uri(uri: str) -> str:
+    """`uri` with a relative SQLite path made absolute against the project root.
+
+    `dvc exp run --queue` runs each experiment in a temporary copy of the project and
+    points DVC_ROOT at the project itself: anchoring there puts every queued run in the
+    project's store instead of one that is deleted with the copy.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or Path(uri[len(prefix):]).is_absolute():
+        return uri
+    root = Path(os.environ.get("DVC_ROOT") or ".").resolve()
+    return prefix + str(root / uri[len(prefix):])
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: `mlruns/` beside the database."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server chooses its own
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+
+
 class Tracker:
     """MLflow client for one run; inactive (every call a no-op) off the main process or when disabled.
 
@@ -39,6 +60,7 @@ class Tracker:
 
     def __init__(self, config: TrackingConfig, active: bool = True):
         self.config = config
+        self.uri = store_uri(config.uri)
         self.active = active and config.enabled
         self.run_id: str | None = None
         self._client = None
@@ -66,13 +88,14 @@ class Tracker:
             from mlflow.entities import Param, RunTag
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.config.uri)
+            self._client = MlflowClient(tracking_uri=self.uri)
             if run_id is not None:
                 self._client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
             else:
                 experiment = self._client.get_experiment_by_name(self.config.experiment)
-                experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(self.config.experiment)
+                experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(
+                    self.config.experiment, artifact_location=artifact_root(self.uri))
                 self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
                 values = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
                 for start in range(0, len(values), 100):
@@ -86,7 +109,7 @@ class Tracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._system = SystemMetricsMonitor(
-                self.run_id, SYSTEM_METRICS_SECONDS, resume_logging=run_id is not None, tracking_uri=self.config.uri
+                self.run_id, SYSTEM_METRICS_SECONDS, resume_logging=run_id is not None, tracking_uri=self.uri
             )
             self._guard("start system metrics", self._system.start)
         return self.run_id
@@ -113,9 +136,9 @@ class Tracker:
             UNSENT_FILE.parent.mkdir(parents=True, exist_ok=True)
             with UNSENT_FILE.open("a", encoding="utf-8") as f:
                 for record in self._pending:
-                    f.write(json.dumps({"tracking_uri": self.config.uri, "run_id": self.run_id, **record}) + "\n")
+                    f.write(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id, **record}) + "\n")
             log.warning("MLflow: %d metric records could not be sent; they are in %s: send them with `avse tracking-sync` "
-                        "once %s is reachable", len(self._pending), UNSENT_FILE, self.config.uri)
+                        "once %s is reachable", len(self._pending), UNSENT_FILE, self.uri)
             self._pending.clear()
 
     def _flush(self, force: bool = False) -> None:
@@ -127,7 +150,7 @@ class Tracker:
             return
         if self._guard("log metrics", lambda: send_metrics(self._client, self.run_id, self._pending)):
             if self._failed:
-                log.info("MLflow: %s answers again; %d queued metric records sent", self.config.uri, len(self._pending))
+                log.info("MLflow: %s answers again; %d queued metric records sent", self.uri, len(self._pending))
                 self._failed = False
             self._pending.clear()
         else:
@@ -140,7 +163,7 @@ class Tracker:
         except Exception as err:  # any tracking failure: the training result matters more
             if not self._failed:
                 log.warning("MLflow: could not %s at %s (%s); training goes on and metrics are queued",
-                            what, self.config.uri, str(err).splitlines()[0][:200])
+                            what, self.uri, str(err).splitlines()[0][:200])
             self._failed = True
             return False
 

@@ -126,3 +126,16 @@ def test_server_gone_until_the_end_keeps_metrics_for_a_later_sync(server, tmp_pa
     assert sync_unsent(tmp_path / "metrics" / "untracked.jsonl") == 2
     assert history(server, run_id, "loss") == [(5, 2.0), (6, 1.0)]
     assert not (tmp_path / "metrics" / "untracked.jsonl").exists()
+
+
+def test_a_relative_sqlite_store_is_anchored_at_the_project_a_queued_experiment_runs_for(tmp_path, monkeypatch):
+    # `dvc exp run --queue` runs in a temporary copy and names the project in DVC_ROOT.
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    assert tracking.store_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+    assert tracking.store_uri("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"
+    assert tracking.store_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.delenv("DVC_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.store_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert tracking.artifact_root(f"sqlite:///{tmp_path / 'mlflow.db'}") == (tmp_path / "mlruns").as_uri()
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None
