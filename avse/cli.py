@@ -126,6 +126,15 @@ def _cmd_convert_karpathy(args: argparse.Namespace) -> None:
     print(f"wrote the caption-split layout of {args.json} to {args.out}")
 
 
+def _cmd_import_checkpoint(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from avse import pipeline
+
+    written = pipeline.import_checkpoint(Path(args.checkpoint), args.params, args.overrides, args.trust_checkpoint, Path(args.out))
+    print(f"wrote {written}; evaluate it with `avse embed && avse evaluate` (or `dvc repro -s embed && dvc repro -s evaluate`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from avse import pipeline
 
@@ -171,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
     _add_config_options(sub)
     sub.set_defaults(run=_cmd_params)
+
+    sub = commands.add_parser("import-checkpoint", help="convert a checkpoint of the official AVSE code into models/best.pt")
+    _add_config_options(sub)
+    sub.add_argument("checkpoint", help="the official checkpoint (e.g. runs/f30k_vit_224/model_best.pth)")
+    sub.add_argument("--out", default="models", help="output folder (default: %(default)s)")
+    sub.add_argument("--trust-checkpoint", action="store_true",
+                     help="also unpickle objects other than tensors and options (runs code from the file: trusted sources only)")
+    sub.set_defaults(run=_cmd_import_checkpoint)
 
     sub = commands.add_parser("convert-karpathy", help="write a Karpathy dataset_*.json as caption-split files")
     sub.add_argument("json", help="dataset_flickr30k.json or dataset_coco.json")

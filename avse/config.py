@@ -88,6 +88,10 @@ class ModelConfig:
     matching: Literal["max", "sinkhorn"] = "max"
     sinkhorn_iters: int = field(default=20, metadata=POSITIVE)
     size_augment: bool = True
+    # The official code skips ViT's final LayerNorm and normalises the text MLP with
+    # BatchNorm; `avse import-checkpoint` sets both to reproduce its models.
+    vision_final_norm: bool = True
+    text_mlp_norm: Literal["layer", "batch"] = "layer"
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,62 @@ def evaluate(config: Config) -> None:
             tracker.log_artifact(artifact, "evaluation")
         tracker.finish()
     print(ev.format_table(results))
+
+
+def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: bool = False, out_dir: Path | None = None) -> Path:
+    """Convert an official AVSE checkpoint into `models/best.pt` and `models/tokenizer/`.
+
+    The model is configured from the checkpoint's stored options, then `params` and
+    `overrides` for what the options do not say (data paths, a local BERT folder).
+    Nothing is written unless every parameter converts with its expected shape.
+    """
+    import dataclasses
+
+    from avse.config import load_config
+    from avse.data.tokenizer import load_tokenizer
+    from avse.io import atomic_path
+    from avse.model import backbones, official
+    from avse.model.avse import build_model
+    from avse.training.checkpoint import save_checkpoint
+    from avse.training.loop import MODELS
+
+    out_dir = out_dir or MODELS
+    content = official.read_checkpoint(source, trust)
+    config = load_config(params, [*official.settings(official.options(content)), *overrides])
+    family, vision_config = backbones.load_config(config.model.vision, "model.vision", ("vit", "swin"))
+    state = official.convert_state_dict(content["model"], family)
+    word_embeddings = state.get("text_encoder.backbone.embeddings.word_embeddings.weight")
+    if word_embeddings is None:
+        raise AvseError(f"{source}: no text backbone word embeddings (txt_enc.bert.embeddings.word_embeddings.weight)")
+    vocab_size = word_embeddings.shape[0]
+    image_size = official.vision_image_size(state, family, vision_config.patch_size)
+    # Backbones are built empty (no download); every weight comes from the checkpoint.
+    architecture = dataclasses.replace(config, model=dataclasses.replace(
+        config.model,
+        vision=dataclasses.replace(config.model.vision, init="random"),
+        text=dataclasses.replace(config.model.text, init="random"),
+    ))
+    model = build_model(architecture, vocab_size, image_size)
+    expected = model.state_dict()
+    state.update({name: expected[name] for name in official.NOT_IN_OFFICIAL})
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    for what, names in (("missing", missing), ("not in the configured model", extra), ("of the wrong shape", wrong)):
+        if names:
+            raise AvseError(f"{source}: {len(names)} parameters {what} for {config.model.vision.name}: {', '.join(names[:5])}")
+    tokenizer = load_tokenizer(backbones.source(config.model.text.name))
+    if len(tokenizer) != vocab_size:
+        raise AvseError(f"model.text.name: the tokenizer of {config.model.text.name} has {len(tokenizer)} tokens, "
+                        f"the checkpoint's BERT {vocab_size}")
+    model.load_state_dict(state)
+    with atomic_path(out_dir / "tokenizer") as tmp:
+        tokenizer.save_pretrained(tmp)
+    save_checkpoint(out_dir / "best.pt", {
+        "model": model.state_dict(), "config": config.to_dict(), "config_hash": config.hash(),
+        "step": int(content.get("Eiters") or 0), "epoch": int(content.get("epoch") or 0),
+        "dev_metrics": {"rsum": float(content.get("best_rsum") or 0.0)}, "vocab_size": vocab_size,
+        "vision_image_size": model.image_encoder.backbone.config.image_size, "imported_from": str(source),
+    })
+    log.info("imported %s (%s, %d parameters) into %s", source, config.model.vision.name, len(state), out_dir / "best.pt")
+    return out_dir / "best.pt"

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from avse.errors import ConfigError
 from avse.model.pooling import GPO, random_token_drop
 from avse.model.sampling import gather_views, keep_count, radial_bias_indices, view_centres
 
@@ -23,20 +24,25 @@ PIXEL_STATS = {
 
 
 class MLP(nn.Module):
-    """Linear layers with ReLU between them (VSE-infinity's residual MLP)."""
+    """Linear layers with a norm and ReLU between them (VSE-infinity's residual MLP).
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2):
+    `norm: layer` normalises each token; `batch` (VSE-infinity's and the official AVSE
+    code's choice) normalises each feature over all tokens of the batch, padding included.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, norm: str = "layer"):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
         blocks: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             blocks.append(nn.Linear(a, b))
             if i < layers - 1:
-                blocks += [nn.LayerNorm(b), nn.ReLU()]
+                blocks += [nn.LayerNorm(b) if norm == "layer" else nn.BatchNorm1d(b), nn.ReLU()]
         self.net = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        """`[..., in_dim]` -> `[..., out_dim]`."""
+        return self.net(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
 
 
 class ImageEncoder(nn.Module):
@@ -53,9 +59,12 @@ class ImageEncoder(nn.Module):
         eval_keep_ratio: float,
         alpha: float,
         size_augment: bool,
+        final_norm: bool = True,
     ):
         super().__init__()
-        self.backbone, self.family, self.img_res = backbone, family, img_res
+        if not final_norm and family != "vit":
+            raise ConfigError("model.vision_final_norm: false applies to ViT backbones only (Swin's stages end in their own norm)")
+        self.backbone, self.family, self.img_res, self.final_norm = backbone, family, img_res, final_norm
         self.views, self.alpha, self.size_augment = views, alpha, size_augment
         self.keep_ratio, self.eval_keep_ratio = keep_ratio, eval_keep_ratio
         config = backbone.config
@@ -92,7 +101,7 @@ class ImageEncoder(nn.Module):
             # All views go through the transformer in one batched call.
             for layer in vit.layers:
                 hidden = layer(hidden)
-            return vit.layernorm(hidden), indices
+            return (vit.layernorm(hidden) if self.final_norm else hidden), indices
         tokens = self.backbone(pixel_values=pixels).last_hidden_state  # [B, P_final, hidden]
         return gather_views(tokens, indices, self.num_prefix), indices  # [B * V, k, hidden]
 
@@ -112,12 +121,12 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """BERT token features -> linear + MLP residual -> GPO -> LayerNorm."""
 
-    def __init__(self, backbone: PreTrainedModel, embed_size: int):
+    def __init__(self, backbone: PreTrainedModel, embed_size: int, mlp_norm: str = "layer"):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         self.fc = nn.Linear(hidden, embed_size)
-        self.mlp = MLP(hidden, embed_size // 2, embed_size, layers=2)
+        self.mlp = MLP(hidden, embed_size // 2, embed_size, layers=2, norm=mlp_norm)
         self.gpo = GPO()
         self.norm = nn.LayerNorm(embed_size)
 

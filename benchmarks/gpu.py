@@ -1,0 +1,112 @@
+"""GPU figures in one run of a few minutes: training pairs/s and MFU at the paper's sizes, COCO 5K scoring time.
+
+Training steps are the train stage's own (`forward_backward` + `optimizer_step`) in the
+default precision (`train.precision: auto`: bf16 on GPUs that have it), on random inputs
+with randomly initialised backbones (the cost does not depend on the weights). FLOPs
+per step are counted once with torch's FLOP counter; MFU is achieved FLOP/s over the
+device's dense bf16 peak (`--peak-tflops`, or the table below by device name).
+
+    python benchmarks/gpu.py                  # ViT-B/16 224 batch 128, ViT-B/16 384 batch 64, COCO 5K
+    python benchmarks/gpu.py --tiny           # seconds on a CPU: small models, small matrices
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from avse.config import load_config
+from avse.model.avse import build_model
+from avse.model.similarity import meta_similarity
+from avse.training.distributed import DistContext
+from avse.training.dry_run import random_batch
+from avse.training.loop import forward_backward, optimizer_step
+from avse.training.optim import build_optimizer, resolve_precision
+
+# Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+PAPER = ["model.text.name=bert-base-uncased", "model.embed_size=1024", "model.block_dim=256", "train.loss=hinge",
+         "model.vision.init=random", "model.text.init=random", "train.precision=auto", "train.warmup_epochs=0"]
+RUNS = {
+    "ViT-B/16 224, batch 128": ["model.vision.name=google/vit-base-patch16-224-in21k", "data.img_res=224", "train.batch_size=128"],
+    "ViT-B/16 384, batch 64": ["model.vision.name=google/vit-base-patch16-384", "data.img_res=384", "train.batch_size=64"],
+}
+TINY_RUNS = {"vit-tiny 64, batch 16": ["model.vision.name=vit-tiny", "model.text.name=bert-tiny", "model.embed_size=256",
+                                       "model.block_dim=64", "data.img_res=64", "train.batch_size=16"]}
+COCO_5K = (5000, 25000)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training(overrides: list[str], steps: int, device: torch.device) -> dict[str, float]:
+    """pairs/s and FLOPs per step of the train stage's step at the configured size."""
+    config = load_config(overrides=overrides)
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    dtype = resolve_precision(config.train.precision, device)
+    model = build_model(config, config.data.vocab_size).to(device).train()
+    optimizer = build_optimizer(model, config.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batch = random_batch(config, config.data.vocab_size, device)
+
+    def step() -> None:
+        forward_backward(model, model, batch, ctx, config, epoch=1, dtype=dtype, scaler=scaler)
+        optimizer_step(model, optimizer, scaler, config.train.grad_clip)
+
+    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+        step()
+    step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    return {"pairs_per_s": config.train.batch_size / seconds, "flops": counter.get_total_flops(), "seconds": seconds,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def scoring_seconds(images: int, captions: int, device: torch.device, chunk_size: int = 256) -> float:
+    """Exact AVSE scoring of `images x captions` (2 views of 1024, 256-d blocks) on `device`."""
+    img = torch.randn(images, 2 * 1024, device=device)
+    cap = torch.randn(captions, 1024, device=device)
+    with torch.no_grad():
+        meta_similarity(img[:chunk_size], cap[:chunk_size], 256, chunk_size)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        meta_similarity(img, cap, 256, chunk_size)
+        synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small models and matrices: a quick check on a CPU")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    runs = TINY_RUNS if args.tiny else RUNS
+    paper = [o for o in PAPER if not (args.tiny and o.startswith(("model.text.name", "model.embed_size", "model.block_dim")))]
+    print(f"device: {name}, torch {torch.__version__}")
+    for label, overrides in runs.items():
+        result = training(paper + overrides, args.steps, device)
+        tflops = result["flops"] / result["seconds"] / 1e12
+        mfu = f"{tflops / peak:.1%}" if peak else "n/a (no known peak: --peak-tflops)"
+        memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        print(f"train {label}: {result['pairs_per_s']:.1f} pairs/s in {result['dtype']}, {result['seconds'] * 1000:.0f} ms/step, "
+              f"{result['flops'] / 1e12:.3f} TFLOP/step, {tflops:.2f} TFLOP/s, MFU {mfu}{memory}")
+    images, captions = (200, 1000) if args.tiny else COCO_5K
+    print(f"score {images} x {captions} (COCO 5K: 2 views x 1024, 256-d blocks): {scoring_seconds(images, captions, device):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

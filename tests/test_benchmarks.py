@@ -1,0 +1,28 @@
+"""The benchmark scripts keep running as the code they measure changes (their --tiny modes, on the CPU)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_gpu_benchmark_reports_training_throughput_flops_and_scoring_time():
+    out = run_benchmark("benchmarks/gpu.py", "--tiny", "--steps", "1")
+    train = re.search(r"train vit-tiny 64, batch 16: ([\d.]+) pairs/s in float32, \d+ ms/step, ([\d.]+) TFLOP/step", out)
+    assert train and float(train.group(1)) > 0 and float(train.group(2)) > 0, out
+    assert re.search(r"score 200 x 1000 .*: [\d.]+ s", out), out
+
+
+def test_training_step_benchmark_reports_a_ratio_against_the_official_style_step():
+    out = run_benchmark("benchmarks/training_step.py", "--tiny", "--steps", "1")
+    assert re.search(r"official-style step \(fp32, eager\) +[\d.]+ s +[\d.]+ pairs/s", out), out
+    assert re.search(r"ratio +[\d.]+x", out), out

@@ -1,0 +1,164 @@
+"""`avse import-checkpoint`: checkpoints of the official AVSE code, in its layout and transformers-4 names."""
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig
+
+from avse import pipeline
+from avse.config import BackboneConfig, load_config
+from avse.data.tokenizer import train_wordpiece
+from avse.errors import AvseError
+from avse.evaluation.embed import load_trained
+from avse.model import backbones, official
+from avse.model.avse import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIONS = dict(vit_type="vit-tiny", embed_size=256, img_res=64, dataset="f30k", size_augment=1, batch_size=128)
+
+# transformers-4 names of ViT and Swin blocks, as the official code's checkpoints hold them.
+LEGACY_VIT = [
+    (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+    (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+    (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+    (r"^layers\.(\d+)\.layernorm_", r"encoder.layer.\1.layernorm_"),
+]
+LEGACY_SWIN = [
+    (r"attention\.q_proj\.", "attention.self.query."),
+    (r"attention\.k_proj\.", "attention.self.key."),
+    (r"attention\.v_proj\.", "attention.self.value."),
+    (r"attention\.o_proj\.", "attention.output.dense."),
+    (r"attention\.relative_position_bias\.relative_position_bias_table", "attention.self.relative_position_bias_table"),
+    (r"mlp\.fc1\.", "intermediate.dense."),
+    (r"mlp\.fc2\.", "output.dense."),
+]
+LEGACY_HEAD = {
+    "image_encoder.proj.": "img_enc.image_encoder.fc.",
+    "image_encoder.gpo.": "img_enc.image_encoder.gpool.",
+    "text_encoder.backbone.": "txt_enc.bert.",
+    "text_encoder.fc.": "txt_enc.fc.",
+    "text_encoder.norm.": "txt_enc.ln.",
+    "text_encoder.gpo.": "txt_enc.gpool.",
+    "text_encoder.mlp.net.0.": "txt_enc.mlp.layers.0.",
+    "text_encoder.mlp.net.1.": "txt_enc.mlp.bns.0.",
+    "text_encoder.mlp.net.3.": "txt_enc.mlp.layers.1.",
+}
+
+
+def legacy(name: str, rules) -> str:
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def official_layout(state: dict, prefix: str = "") -> dict:
+    """Our state dict under the official module names, plus the entries its forward never uses."""
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith("image_encoder.backbone."):
+            key = "img_enc.visual_encoder." + legacy(name.removeprefix("image_encoder.backbone."), LEGACY_VIT)
+        elif name == "dustbin":
+            key = "sim_enc.bin_score"
+        elif name == "logit_scale":
+            continue  # the official model has no temperature
+        else:
+            ours = next(p for p in LEGACY_HEAD if name.startswith(p))
+            key = LEGACY_HEAD[ours] + name.removeprefix(ours)
+        out[prefix + key] = tensor.clone()
+    out[prefix + "img_enc.visual_encoder.pooler.dense.weight"] = torch.zeros(128, 128)
+    out[prefix + "txt_enc.bert.embeddings.position_ids"] = torch.arange(128)[None]
+    out[prefix + "txt_enc.mlp.bns.1.weight"] = torch.ones(256)
+    return out
+
+
+@pytest.fixture
+def bert_folder(tmp_path) -> Path:
+    """A local 'pretrained' BERT: config and vocabulary, as a user would pass with -S model.text.name=..."""
+    folder = tmp_path / "bert"
+    tokenizer = train_wordpiece(["a red circle left of a blue square", "two small green triangles"] * 20, folder, vocab_size=60)
+    BertConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256).save_pretrained(folder)
+    return folder
+
+
+def reference_model(bert_folder: Path):
+    """A model of the official architecture with random weights and non-trivial BatchNorm statistics."""
+    overrides = official.settings(OPTIONS) + [f"model.text.name={bert_folder}", "model.text.init=random"]
+    config = load_config(REPO / "params.yaml", overrides)
+    torch.manual_seed(0)
+    model = build_model(config, vocab_size=BertConfig.from_pretrained(bert_folder).vocab_size)
+    bn = model.text_encoder.mlp.net[1]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def save_official(path: Path, model, **extra) -> Path:
+    torch.save({"model": official_layout(model.state_dict(), **extra.pop("layout", {})), "opt": argparse.Namespace(**OPTIONS),
+                "epoch": 12, "Eiters": 3400, **extra}, path)
+    return path
+
+
+def test_an_official_checkpoint_converts_to_a_model_with_the_same_embeddings(tmp_path, bert_folder):
+    reference = reference_model(bert_folder)
+    source = save_official(tmp_path / "model_best.pth", reference, best_rsum=512.5, layout={"prefix": "module."})
+
+    written = pipeline.import_checkpoint(source, REPO / "params.yaml", [f"model.text.name={bert_folder}"], out_dir=tmp_path / "models")
+
+    assert written == tmp_path / "models" / "best.pt"
+    imported, config, tokenize, checkpoint = load_trained(tmp_path / "models")
+    assert (config.model.vision.name, config.model.embed_size, config.model.block_dim, config.data.img_res) == ("vit-tiny", 256, 256, 64)
+    assert (config.model.vision_final_norm, config.model.text_mlp_norm, config.data.dataset) == (False, "batch", "f30k")
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["dev_metrics"]["rsum"]) == (12, 3400, 512.5)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    batch = tokenize(["a red circle", "two small green triangles left of a blue square"])
+    with torch.no_grad():
+        torch.testing.assert_close(imported.encode_image(images), reference.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(imported.encode_text(*batch), reference.encode_text(*batch), rtol=0, atol=1e-6)
+
+
+def test_the_official_vit_skips_its_final_layernorm_and_normalises_the_text_mlp_over_the_batch(bert_folder):
+    model = reference_model(bert_folder)
+    assert isinstance(model.text_encoder.mlp.net[1], torch.nn.BatchNorm1d)
+    with torch.no_grad():
+        model.image_encoder.backbone.layernorm.weight.mul_(3.0)  # unused: embeddings must not change
+        images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+        before = model.encode_image(images)
+        model.image_encoder.final_norm = True
+        assert not torch.allclose(model.encode_image(images), before)
+
+
+def test_numpy_values_in_a_checkpoint_are_refused_unless_trusted(tmp_path, bert_folder):
+    source = save_official(tmp_path / "model_best.pth", reference_model(bert_folder), best_rsum=np.float64(512.5))
+    with pytest.raises(AvseError, match=r"model_best\.pth: holds pickled objects .*numpy.*--trust-checkpoint"):
+        pipeline.import_checkpoint(source, REPO / "params.yaml", [f"model.text.name={bert_folder}"], out_dir=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+    pipeline.import_checkpoint(source, REPO / "params.yaml", [f"model.text.name={bert_folder}"], trust=True, out_dir=tmp_path / "models")
+    assert (tmp_path / "models" / "best.pt").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_configured_model_writes_nothing(tmp_path, bert_folder):
+    source = save_official(tmp_path / "model_best.pth", reference_model(bert_folder))
+    with pytest.raises(AvseError, match=r"parameters of the wrong shape for vit-tiny: image_encoder.proj.weight \(256, 128\) \(expected \(512, 128\)\)"):
+        pipeline.import_checkpoint(source, REPO / "params.yaml", [f"model.text.name={bert_folder}", "model.embed_size=512"],
+                                   out_dir=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
+def test_an_unknown_module_is_named(tmp_path):
+    with pytest.raises(AvseError, match=r"1 parameters of no known official module: cross_net.weight"):
+        official.convert_state_dict({"cross_net.weight": torch.zeros(1), "txt_enc.fc.weight": torch.zeros(1)}, "vit")
+
+
+def test_swin_blocks_in_transformers_4_names_map_onto_this_swin(tmp_path):
+    _, swin = backbones.build(BackboneConfig(name="swin-tiny", init="random"), "model.vision", ("swin",), input_res=64)
+    state = {f"img_enc.visual_encoder.{legacy(k, LEGACY_SWIN)}": v for k, v in swin.state_dict().items()}
+    state["img_enc.visual_encoder.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = torch.zeros(16, 16)
+    converted = official.convert_state_dict(state, "swin")
+    assert set(converted) == {f"image_encoder.backbone.{k}" for k in swin.state_dict()}
