@@ -9,12 +9,12 @@ from avse.analysis.compare import COLUMNS, comparison_table, load_runs, write_co
 from avse.errors import AvseError
 
 
-def log_run(client, experiment_id, name, params, tags, metrics):
+def log_run(client, experiment_id, name, params, tags, metrics, status="FINISHED"):
     run_id = client.create_run(experiment_id, run_name=name).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()],
                      metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
-    client.set_terminated(run_id)
+    client.set_terminated(run_id, status=status)
     return run_id
 
 
@@ -30,7 +30,7 @@ def store(tmp_path):
     baseline = log_run(client, experiment_id, "baseline",
                        {"data.img_res": 384, "model.views": 1, "model.block_dim": 1024, "model.matching": "max", "train.epochs": 25},
                        {"dataset": "coco", "backbone": "microsoft/swin-base-patch4-window12-384-in22k"},
-                       {"testall_5fold1k_rsum": 500.0, "testall_5k_rsum": 400.0, "testall_5fold1k_t2i_r1": 60.0})
+                       {"testall_5fold1k_rsum": 500.0, "testall_5k_rsum": 400.0, "testall_5fold1k_t2i_r1": 60.0}, status="KILLED")
     return uri, avse, baseline
 
 
@@ -43,12 +43,14 @@ def test_one_correct_row_per_run(store, tmp_path):
         "f30k", 224, 2, 256, "1k", 480.5, 70.1, 410.0, "vit-224"]
     # COCO reports its 5-fold 1K result, the first protocol in order of preference.
     assert rows.loc[baseline, ["protocol", "rsum", "t2i_r1", "views"]].tolist() == ["5fold1k", 500.0, 60.0, 1]
+    # An interrupted run is listed, and says so.
+    assert rows.loc[baseline, "status"] == "KILLED" and rows.loc[avse, "status"] == "FINISHED"
     assert pd.isna(rows.loc[baseline, "train_seconds"]) and pd.isna(rows.loc[baseline, "dvc_experiment"])
     paths = write_comparison(table, tmp_path / "out")
     assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "comparison.png"]
     assert pd.read_csv(paths[0]).shape == (2, len(COLUMNS))
     markdown = paths[1].read_text().splitlines()
-    assert markdown[0].startswith("| run_name | dataset | backbone |") and len(markdown) == 4
+    assert markdown[0].startswith("| run_name | status | dataset | backbone |") and len(markdown) == 4
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 

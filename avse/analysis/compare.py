@@ -13,7 +13,7 @@ from avse.io import atomic_path
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 # Evaluation protocols in order of preference when a run has several (COCO has two).
 PROTOCOLS = ("1k", "5fold1k", "5k")
-COLUMNS = ["run_id", "run_name", "start_time", "dataset", "backbone", "resolution", "views", "block_dim", "matching",
+COLUMNS = ["run_id", "run_name", "start_time", "status", "dataset", "backbone", "resolution", "views", "block_dim", "matching",
            "epochs", "protocol", *METRICS, "train_seconds", "pairs_per_s", "dvc_experiment"]
 
 
@@ -45,6 +45,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
             "run_id": run["run_id"],
             "run_name": run.get("tags.mlflow.runName"),
             "start_time": run["start_time"],
+            "status": run.get("status"),
             "dataset": run.get("tags.dataset"),
             "backbone": run.get("tags.backbone"),
             "resolution": _number(run.get("params.data.img_res")),
