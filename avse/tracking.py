@@ -69,10 +69,6 @@ class Tracker:
         self._retry_at = 0.0
         self._open: Callable[[], None] | None = None  # opens the run; retried while the store is down
         self._system = None  # the system metrics monitor of a training run
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        # Fail fast when the server is down (MLflow's defaults retry a call for minutes).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     def start(
         self, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str], system_metrics: bool = False
@@ -85,23 +81,12 @@ class Tracker:
             return None
 
         def open_run():
-            from mlflow.entities import Param, RunTag
-            from mlflow.tracking import MlflowClient
+            self._client = client_for(self.uri)
+            self.run_id = open_run_in(self._client, self.config.experiment, self.uri, run_id, run_name, params, tags)
 
-            self._client = MlflowClient(tracking_uri=self.uri)
-            if run_id is not None:
-                self._client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-            else:
-                experiment = self._client.get_experiment_by_name(self.config.experiment)
-                experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(
-                    self.config.experiment, artifact_location=artifact_root(self.uri))
-                self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
-                values = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-                for start in range(0, len(values), 100):
-                    self._client.log_batch(self.run_id, params=values[start : start + 100])
-            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v])
-
+        # Kept so that a run the store never saw can be created later by `avse tracking-sync`.
+        self._run_record = {"experiment": self.config.experiment, "run_name": run_name, "tags": tags,
+                            "params": {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}}
         self._open = open_run
         if not self._guard("open the MLflow run", open_run):
             self._retry_at = time.monotonic() + RETRY_SECONDS
@@ -135,6 +120,8 @@ class Tracker:
         if self._pending:
             UNSENT_FILE.parent.mkdir(parents=True, exist_ok=True)
             with UNSENT_FILE.open("a", encoding="utf-8") as f:
+                if self.run_id is None:  # the store was never reached: keep what creating the run needs
+                    f.write(json.dumps({"tracking_uri": self.uri, "run_id": None, "run": self._run_record}) + "\n")
                 for record in self._pending:
                     f.write(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id, **record}) + "\n")
             log.warning("MLflow: %d metric records could not be sent; they are in %s: send them with `avse tracking-sync` "
@@ -168,6 +155,33 @@ class Tracker:
             return False
 
 
+def client_for(uri: str):
+    """An MLflow client that fails fast when the store is down (MLflow's defaults retry a call for minutes)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_run_in(client, experiment: str, uri: str, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """Re-open run `run_id`, or create one in `experiment` with `params`; set `tags`. Returns the run id."""
+    from mlflow.entities import Param, RunTag
+
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        values = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(values), 100):
+            client.log_batch(run_id, params=values[start : start + 100])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v])
+    return run_id
+
+
 def send_metrics(client, run_id: str, records: list[dict[str, Any]]) -> None:
     """Log metric records (`{"metrics": {...}, "step": s, "timestamp": ms}`) in batches of 1000."""
     from mlflow.entities import Metric
@@ -178,21 +192,42 @@ def send_metrics(client, run_id: str, records: list[dict[str, Any]]) -> None:
 
 
 def sync_unsent(path: Path = UNSENT_FILE) -> int:
-    """Send the records that `Tracker.finish` kept in `path`; returns how many were sent. The file goes once all are sent."""
-    from mlflow.tracking import MlflowClient
+    """Send the metric records that `Tracker.finish` kept in `path`; returns how many were sent.
+
+    A run the store never saw is created first, from the run record kept before its
+    metrics. Runs are sent one at a time; if one fails, the file keeps exactly what was
+    not sent, so running it again sends nothing twice.
+    """
+    from avse.io import write_text
 
     if not path.exists():
         raise AvseError(f"{path}: nothing to send")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for record in records:
-        if not record.get("run_id"):
-            raise AvseError(f"{path}: a record has no MLflow run (the store was never reachable); its metrics are in the file")
-        by_run.setdefault((record["tracking_uri"], record["run_id"]), []).append(record)
-    for (uri, run_id), run_records in by_run.items():
+    groups: list[list[dict[str, Any]]] = []  # per run, in file order; a never-opened run starts with its run record
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "run" in record or not groups or record.get("run_id") != groups[-1][-1].get("run_id"):
+            if record.get("run_id") is None and "run" not in record:
+                raise AvseError(f"{path}:{number}: metrics of an unknown run (no run id and no run record before them)")
+            groups.append([])
+        groups[-1].append(record)
+    sent = 0
+    for index, group in enumerate(groups):
+        uri, run_id = group[0]["tracking_uri"], group[0].get("run_id")
+        metrics = [r for r in group if "run" not in r]
         try:
-            send_metrics(MlflowClient(tracking_uri=uri), run_id, run_records)
+            client = client_for(uri)
+            if run_id is None:
+                spec = group[0]["run"]
+                run_id = open_run_in(client, spec["experiment"], uri, None, spec["run_name"], spec["params"], spec["tags"])
+            send_metrics(client, run_id, metrics)
+            if "run" in group[0]:
+                client.set_terminated(run_id, status="FINISHED")
         except Exception as err:
-            raise AvseError(f"{uri}: could not send metrics of run {run_id} ({str(err).splitlines()[0][:200]})") from None
+            write_text(path, "".join(json.dumps(r) + "\n" for g in groups[index:] for r in g))
+            raise AvseError(f"{uri}: could not send metrics of run {run_id or group[0]['run']['run_name']} "
+                            f"({str(err).splitlines()[0][:200]}); {sent} records sent, the rest kept in {path}") from None
+        sent += len(metrics)
     path.unlink()
-    return len(records)
+    return sent

@@ -56,6 +56,12 @@ class Server:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=30)
 
+    def post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
     def get(self, path: str) -> dict:
         with urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/{path}", timeout=10) as response:
             return json.load(response)
@@ -139,3 +145,31 @@ def test_a_relative_sqlite_store_is_anchored_at_the_project_a_queued_experiment_
     assert tracking.store_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert tracking.artifact_root(f"sqlite:///{tmp_path / 'mlflow.db'}") == (tmp_path / "mlruns").as_uri()
     assert tracking.artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_a_run_the_store_never_saw_is_created_by_the_later_sync(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    server.stop()
+    tracker = Tracker(TrackingConfig(uri=server.uri, experiment="avse"))
+    assert tracker.start(None, "offline-run", {"model.views": 2}, {"dataset": "synthetic"}) is None
+    tracker.log_metrics({"loss": 2.0}, 5)
+    tracker.log_metrics({"loss": 1.0}, 6)
+    tracker.finish()
+    server.start()
+    assert sync_unsent(tmp_path / "metrics" / "untracked.jsonl") == 2
+    runs = server.post("runs/search", {"experiment_ids": [server.get("experiments/get-by-name?experiment_name=avse")["experiment"]["experiment_id"]]})["runs"]
+    assert [r["info"]["run_name"] for r in runs] == ["offline-run"]
+    run = runs[0]
+    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"model.views": "2"}
+    assert run["info"]["status"] == "FINISHED"
+    assert history(server, run["info"]["run_id"], "loss") == [(5, 2.0), (6, 1.0)]
+    assert not (tmp_path / "metrics" / "untracked.jsonl").exists()
+
+
+def test_a_failed_sync_keeps_exactly_what_was_not_sent(tmp_path):
+    unsent = tmp_path / "untracked.jsonl"
+    record = {"tracking_uri": "http://127.0.0.1:9", "run_id": "abc", "metrics": {"loss": 1.0}, "step": 1, "timestamp": 0}
+    unsent.write_text(json.dumps(record) + "\n")
+    with pytest.raises(tracking.AvseError, match=r"could not send metrics of run abc .*0 records sent, the rest kept in"):
+        sync_unsent(unsent)
+    assert json.loads(unsent.read_text()) == record
