@@ -136,7 +136,7 @@ def test_the_official_vit_skips_its_final_layernorm_and_normalises_the_text_mlp_
 
 def test_numpy_values_in_a_checkpoint_are_refused_unless_trusted(tmp_path, bert_folder):
     source = save_official(tmp_path / "model_best.pth", reference_model(bert_folder), best_rsum=np.float64(512.5))
-    with pytest.raises(AvseError, match=r"model_best\.pth: holds pickled objects .*numpy.*--trust-checkpoint"):
+    with pytest.raises(AvseError, match=r"model_best\.pth: refused to load: it holds pickled Python objects \(numpy.*--trust-checkpoint"):
         pipeline.import_checkpoint(source, REPO / "params.yaml", [f"model.text.name={bert_folder}"], out_dir=tmp_path / "models")
     assert not (tmp_path / "models").exists()
     pipeline.import_checkpoint(source, REPO / "params.yaml", [f"model.text.name={bert_folder}"], trust=True, out_dir=tmp_path / "models")

@@ -10,9 +10,7 @@ model sets `model.vision_final_norm: false` and `model.text_mlp_norm: batch`.
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from torch import Tensor
 
 from avse.errors import AvseError
+from avse.training.checkpoint import UnsafeCheckpointError, load_checkpoint
 
 # Module prefixes: official -> ours. The text MLP is Linear, BatchNorm, ReLU, Linear in both.
 _MODULES = [
@@ -72,26 +71,11 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     Without `trust` only tensors, plain values and the `argparse.Namespace` of options are
     accepted; anything else (numpy scalars, custom classes) needs `trust`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise AvseError(f"{path}: checkpoint not found")
-    if not zipfile.is_zipfile(path):
-        raise AvseError(f"{path}: not a PyTorch checkpoint archive (truncated, or the pre-1.6 format)")
     try:
-        if trust:
-            content = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        raise AvseError(
-            f"{path}: holds pickled objects beyond tensors and options"
-            f"{f' ({found.group(1)})' if found else ''}; loading them runs code from the file: "
-            "pass --trust-checkpoint only if you trust where it came from"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise AvseError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:160]})") from None
+        content = load_checkpoint(path, allowed=[argparse.Namespace], trusted=trust)
+    except UnsafeCheckpointError as err:
+        raise AvseError(f"{err}: loading them runs code from the file; pass --trust-checkpoint "
+                        "only if you trust where it came from") from None
     if not isinstance(content, dict) or not isinstance(content.get("model"), dict):
         raise AvseError(f"{path}: not an official AVSE checkpoint (expected a dict with a 'model' state dict)")
     return content

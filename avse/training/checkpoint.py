@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -17,25 +18,36 @@ class CheckpointError(AvseError):
     """A checkpoint is missing, corrupt, or holds more than plain tensors and numbers."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds pickled objects whose loading would run code from the file."""
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state`; a crash mid-write leaves the previous file at `path` intact."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing any pickled code."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, allowed: Sequence[type] = (), trusted: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint without executing any pickled code.
+
+    `allowed`: classes accepted beyond tensors and plain values (rebuilt from their
+    attributes, no code run); `trusted`: unpickle anything, which runs code from the file.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable checkpoint (not a PyTorch archive: truncated, or the pre-1.6 format)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=not trusted)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds pickled Python objects, not only tensors "
-            f"({str(err).splitlines()[0][:160]})"
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds pickled Python objects{f' ({found.group(1)})' if found else ''}, not only tensors"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:160]})") from None
