@@ -76,12 +76,12 @@ class SplitImages:
 
     def __init__(self, split: PreparedSplit, resolution: int):
         self.split, self.source = split, ImageSource(split, resolution)
-        self.position = {int(image_id): position for position, image_id in enumerate(split.image_ids)}
+        self._positions = {int(image_id): position for position, image_id in enumerate(split.image_ids)}
 
     def __getitem__(self, image_id: int) -> np.ndarray:
-        if int(image_id) not in self.position:
+        if int(image_id) not in self._positions:
             raise AvseError(f"image id {image_id} is not in the prepared {self.split.name} split: the outputs are stale, run `dvc repro`")
-        return self.source[self.position[int(image_id)]]
+        return self.source[self._positions[int(image_id)]]
 
 
 def recall_summary(metrics: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
