@@ -42,9 +42,16 @@ def test_notebooks_run_headless_on_a_pipeline_run(project, python3_kernel, monke
     run(["dvc", "repro"], cwd=project)
     monkeypatch.setenv("AVSE_PROJECT", str(project))
     monkeypatch.setenv("PYTHONPATH", str(project))
+    written = project_files(project)
     for name, figures in FIGURES.items():
         notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         # A cell that raises fails the test with its traceback (CellExecutionError).
         NotebookClient(notebook, kernel_name=python3_kernel, timeout=120, resources={"metadata": {"path": str(project)}}).execute()
         shown = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs if "image/png" in output.get("data", {})]
         assert len(shown) == figures, f"{name}: {len(shown)} figures shown, expected {figures}"
+    assert project_files(project) == written  # the notebooks only read the pipeline's outputs
+
+
+def project_files(project):
+    """Every file of the project but Python's bytecode caches, with its modification time."""
+    return {path: path.stat().st_mtime_ns for path in project.rglob("*") if path.is_file() and "__pycache__" not in path.parts}
