@@ -210,7 +210,7 @@ def test_query_block_matches_compare_the_ground_truth_with_the_top_image():
     ax = figure.axes[0]
     assert [patch.get_xy() for patch in ax.patches] == [(0.5, -0.5), (2.5, 0.5)]  # the boxes: columns 1 and 3
     assert [label.get_text() for label in ax.get_xticklabels()] == ["v0.0", "v0.1", "v1.0", "v1.1"]
-    assert ax.get_title() == "pair: score 1.500"
+    assert ax.get_title() == "pair\nmax-matching score 1.500"
 
 
 def test_patch_masks_mark_the_kept_patches():

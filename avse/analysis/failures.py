@@ -282,7 +282,7 @@ def query_block_matches(embeddings: Embeddings, query: pd.Series) -> dict[str, n
 
 def block_match_figure(matches: Mapping[str, np.ndarray], views: int, caption: str) -> Figure:
     """Heatmaps of :func:`block_cosines` (text blocks x image blocks, columns labelled `v<view>.<block>`),
-    each text block's best image block boxed, titled with the sum of those maxima."""
+    each text block's best image block boxed, titled with the sum of those maxima (the `max`-matching score)."""
     figure = Figure(figsize=(4.2 * len(matches), 2.8), layout="constrained")
     figure.suptitle(f'"{caption}"', fontsize=9)
     low, high = min(m.min() for m in matches.values()), max(m.max() for m in matches.values())
@@ -295,7 +295,8 @@ def block_match_figure(matches: Mapping[str, np.ndarray], views: int, caption: s
             ax.add_patch(Rectangle((column - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.set_xticks(range(n_image), [f"v{v // per_view}.{v % per_view}" for v in range(n_image)], fontsize=7)
         ax.set_yticks(range(n_text), [f"t{t}" for t in range(n_text)], fontsize=7)
-        ax.set(xlabel="image block (view.block)", ylabel="text block", title=f"{title}: score {cosines.max(axis=1).sum():.3f}")
+        ax.set(xlabel="image block (view.block)", ylabel="text block")
+        ax.set_title(f"{title}\nmax-matching score {cosines.max(axis=1).sum():.3f}", fontsize=9)
     figure.colorbar(heatmap, ax=axes, label="cosine")
     return figure
 
