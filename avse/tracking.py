@@ -29,8 +29,9 @@ RETRY_SECONDS = 30.0  # after a failure, queue locally and try the store again t
 SYSTEM_METRICS_SECONDS = 10.0  # sampling interval of CPU, memory and GPU use
 
 
-def store_uri(uri: str) -> str:
-    """`uri` with a relative SQLite path made absolute against the project root.
+def store_uri(uri: str, root: Path | None = None) -> str:
+    """`uri` with a relative SQLite path made absolute against the project root: `root` when
+    given (a notebook names the project it reads), else DVC_ROOT or the current directory.
 
     `dvc exp run --queue` runs each experiment in a temporary copy of the project and
     points DVC_ROOT at the project itself: anchoring there puts every queued run in the
@@ -39,7 +40,7 @@ def store_uri(uri: str) -> str:
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or Path(uri[len(prefix):]).is_absolute():
         return uri
-    root = Path(os.environ.get("DVC_ROOT") or ".").resolve()
+    root = Path(root or os.environ.get("DVC_ROOT") or ".").resolve()
     return prefix + str(root / uri[len(prefix):])
 
 

@@ -138,6 +138,8 @@ def test_a_relative_sqlite_store_is_anchored_at_the_project_a_queued_experiment_
     # `dvc exp run --queue` runs in a temporary copy and names the project in DVC_ROOT.
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
     assert tracking.store_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+    # A notebook names the project it reads, which wins over DVC_ROOT.
+    assert tracking.store_uri("sqlite:///mlflow.db", root=tmp_path / "other") == f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     assert tracking.store_uri("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"
     assert tracking.store_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.delenv("DVC_ROOT")
