@@ -3,40 +3,8 @@
 import json
 
 import pytest
-import yaml
 
-from conftest import run
-
-TINY = {
-    "data": {"synthetic": {"train_images": 40, "dev_images": 10, "test_images": 10, "image_size": 32},
-             "img_res": 32, "cache_res": 32, "num_workers": 0, "vocab_size": 100},
-    "model": {"embed_size": 32, "block_dim": 16},
-    "train": {"batch_size": 16, "epochs": 1, "log_every": 2},
-    "embed": {"batch_size": 8},
-}
-
-
-def set_params(project, tree):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in tree.items():
-        _merge(params.setdefault(section, {}), values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _merge(target, values):
-    for key, value in values.items():
-        if isinstance(value, dict):
-            _merge(target.setdefault(key, {}), value)
-        else:
-            target[key] = value
-
-
-def mlflow_runs(project):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("avse")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+from conftest import TINY, mlflow_runs, run, set_params
 
 
 def test_dvc_repro_runs_the_pipeline_and_then_has_nothing_to_do(project):
