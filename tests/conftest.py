@@ -1,6 +1,7 @@
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +94,17 @@ def command_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command with this interpreter's environment (plus `env`); returns stdout and stderr as text.
 
-    The timeout turns a hung command (a stuck process group, say) into a failure, not a stuck suite.
+    The timeout turns a hung command (a stuck process group, say) into a failure, not a stuck suite; the
+    command runs in its own session so that its children (dvc's stages, torchrun's workers) go with it.
     """
-    result = subprocess.run(cmd, cwd=cwd, env=command_env(cwd, env), capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=cwd, env=command_env(cwd, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:  # the timeout, or an interrupted test run
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    result = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
