@@ -227,7 +227,7 @@ def caption_stats(captions: list[Caption]) -> dict:
 def format_problems(problems: list[Problem], root: str) -> str:
     if len(problems) == 1:
         return f"{problems[0]}; nothing was written"
-    lines = [f"{root}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the input data; nothing was written"]
+    lines = [f"{root}: {len(problems)} problems in the input data; nothing was written"]
     lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
     if len(problems) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
