@@ -59,16 +59,20 @@ def test_train_stage_killed_mid_epoch_resumes_under_dvc_repro(project):
         first = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=command_env(project, ONE_THREAD),
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Kill once a checkpoint exists and MLflow shows training two steps past it.
+        # Kill once a checkpoint exists and MLflow shows training two steps past it. Training is
+        # frozen first to see that no newer checkpoint was written meanwhile (else it goes on).
         deadline = time.monotonic() + 300
         while True:
             assert first.poll() is None, (project / "killed.log").read_text()
             assert time.monotonic() < deadline, "training never got past a checkpoint"
             if last.exists() and run_json.exists():
                 run_id = json.loads(run_json.read_text())["run_id"]
-                past = max((step for step, _ in history(client, run_id)), default=0)
-                if past >= load_checkpoint(last)["state"]["step"] + 2:
-                    break
+                logged = max((step for step, _ in history(client, run_id)), default=0)
+                if logged >= load_checkpoint(last)["state"]["step"] + 2:
+                    os.killpg(first.pid, signal.SIGSTOP)
+                    if load_checkpoint(last)["state"]["step"] < logged:
+                        break
+                    os.killpg(first.pid, signal.SIGCONT)
             time.sleep(0.05)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # dvc and the stage, as a crash or the OOM killer would
