@@ -32,16 +32,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
     import subprocess
 
     from avse import pipeline
-    from avse.training.distributed import check_devices, under_torchrun
+    from avse.training.distributed import under_torchrun
+    from avse.training.preflight import check_training_setup
 
     config = _config(args)
+    check_training_setup(config)
     if args.dry_run:
         from avse.training.dry_run import dry_run
 
         dry_run(config, args.steps)
         return
     nproc = config.train.nproc_per_node
-    check_devices(nproc)
     if nproc > 1 and not under_torchrun():
         # Relaunch this same command under torchrun; multi-node runs call torchrun directly (see README).
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -11,3 +11,7 @@ class ConfigError(AvseError):
 
 class DataError(AvseError):
     """An input data file is missing, malformed or inconsistent."""
+
+
+class DiskFullError(AvseError):
+    """The disk or the quota filled up while an output was written; the output's previous version is kept."""

@@ -71,6 +71,7 @@ def embed(config: Config) -> None:
     from avse.data.prepare import prepared_dir
     from avse.evaluation.embed import encode_captions, encode_images, load_trained
     from avse.io import atomic_path
+    from avse.training.checkpoint import save_tensors
     from avse.training.loop import MODELS
     from avse.training.optim import resolve_precision
 
@@ -96,8 +97,8 @@ def embed(config: Config) -> None:
     }
     with atomic_path(EMBEDDINGS / split.name) as tmp:
         tmp.mkdir(parents=True)
-        torch.save({"embeddings": images, "image_ids": torch.from_numpy(split.image_ids)}, tmp / "images.pt")
-        torch.save({"embeddings": captions, "caption_image": torch.from_numpy(split.caption_image)}, tmp / "captions.pt")
+        save_tensors({"embeddings": images, "image_ids": torch.from_numpy(split.image_ids)}, tmp / "images.pt")
+        save_tensors({"embeddings": captions, "caption_image": torch.from_numpy(split.caption_image)}, tmp / "captions.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("embeddings written to %s", EMBEDDINGS / split.name)
 

@@ -1,5 +1,7 @@
+import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,15 @@ F30K_FIXTURES = Path(os.environ.get("AVSE_F30K_FIXTURES", REPO.parent / "shared"
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Parameters of a pipeline that runs end to end in seconds: 200 training captions, 10 dev and 10 test images.
+TINY = {
+    "data": {"synthetic": {"train_images": 40, "dev_images": 10, "test_images": 10, "image_size": 32},
+             "img_res": 32, "cache_res": 32, "num_workers": 0, "vocab_size": 100},
+    "model": {"embed_size": 32, "block_dim": 16},
+    "train": {"batch_size": 16, "epochs": 1, "log_every": 2},
+    "embed": {"batch_size": 8},
+}
 
 
 @pytest.fixture
@@ -55,11 +66,9 @@ def make_config(tree: dict | None = None):
     return from_dict(tree or {})
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A copy of the pipeline (dvc.yaml, params, stages, library) in its own DVC repo."""
-    root = tmp_path / "project"
-    root.mkdir()
+def copy_project(root: Path) -> Path:
+    """A copy of the pipeline (dvc.yaml, params, stages, library) in its own DVC repo at `root`."""
+    root.mkdir(parents=True)
     for name in ("avse", "stages"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
@@ -68,15 +77,91 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command with this interpreter's environment; returns stdout and stderr as text.
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return copy_project(tmp_path / "project")
 
-    The timeout turns a hung command (a stuck process group, say) into a failure, not a stuck suite.
-    """
+
+def set_params(project: Path, tree: dict) -> None:
+    """Merge `tree` into the project's params.yaml."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    _merge(params, tree)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _merge(target: dict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _merge(target.setdefault(key, {}), value)
+        else:
+            target[key] = value
+
+
+def mlflow_client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def mlflow_runs(project: Path) -> list:
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("avse")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def command_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This interpreter's environment, with its scripts (dvc, torchrun) on PATH and `cwd` importable."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(cwd)
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env | (extra or {})
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command with this interpreter's environment (plus `env`); returns stdout and stderr as text.
+
+    The timeout turns a hung command (a stuck process group, say) into a failure, not a stuck suite; the
+    command runs in its own session so that its children (dvc's stages, torchrun's workers) go with it.
+    """
+    with subprocess.Popen(cmd, cwd=cwd, env=command_env(cwd, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:  # the timeout, or an interrupted test run
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    result = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+class FullDisk:
+    """A file on a disk that fills up after `room` bytes: writes past it raise OSError(ENOSPC), as the kernel's do."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data)[: self.room])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def fill_disk_after(monkeypatch, room: int) -> None:
+    """Files that tensors are saved into (checkpoints, embeddings) run out of space after `room` bytes;
+    torch.save's own serialisation runs up to that point."""
+    from avse.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(open(path, mode), room), raising=False)

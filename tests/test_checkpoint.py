@@ -1,10 +1,12 @@
 import argparse
-from unittest import mock
 
 import pytest
 import torch
 
+from avse.errors import DiskFullError
 from avse.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+from conftest import fill_disk_after
 
 
 def test_round_trip_of_plain_state(tmp_path):
@@ -30,10 +32,12 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
+def test_a_full_disk_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "last.pt", {"step": 1})
-    with mock.patch("torch.save", side_effect=OSError(28, "No space left on device")):
-        with pytest.raises(OSError, match="No space left"):
-            save_checkpoint(tmp_path / "last.pt", {"step": 2})
-    assert load_checkpoint(tmp_path / "last.pt") == {"step": 1}
+    before = (tmp_path / "last.pt").read_bytes()
+    fill_disk_after(monkeypatch, room=4096)
+    with pytest.raises(DiskFullError) as err:
+        save_checkpoint(tmp_path / "last.pt", {"step": 2, "model": {"w": torch.zeros(10_000)}})
+    assert str(err.value) == f"{tmp_path / 'last.pt'}: not written, the disk is full (No space left on device); any previous version is kept"
+    assert (tmp_path / "last.pt").read_bytes() == before and load_checkpoint(tmp_path / "last.pt") == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind

@@ -47,14 +47,26 @@ def test_truncated_jpeg_is_refused(tmp_path):
         load_rgb(tmp_path / "cut.jpg")
 
 
-def test_decompression_bomb_is_refused_before_decoding(tmp_path):
-    side = int(MAX_PIXELS ** 0.5) + 1
+def png_claiming(side: int) -> bytes:
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + header
-    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    (tmp_path / "bomb.png").write_bytes(png)
-    with pytest.raises(DataError, match=rf"bomb.png: image is {side}x{side} pixels, over the limit"):
-        load_rgb(tmp_path / "bomb.png")
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def jpeg_claiming(side: int) -> bytes:
+    """A real 8x8 JPEG whose frame header says it is side x side."""
+    data = bytearray(jpeg_bytes(np.zeros((8, 8, 3), np.uint8)))
+    frame = data.index(b"\xff\xc0")  # baseline start of frame: marker, length, precision, height, width
+    data[frame + 5 : frame + 9] = struct.pack(">HH", side, side)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("encode", [png_claiming, jpeg_claiming])
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, encode):
+    side = int(MAX_PIXELS ** 0.5) + 1
+    (tmp_path / "bomb.img").write_bytes(encode(side))
+    with pytest.raises(DataError, match=rf"bomb.img: image is {side}x{side} pixels, over the limit"):
+        load_rgb(tmp_path / "bomb.img")
 
 
 @pytest.mark.parametrize("content, message", [(None, "image file not found"), (b"", "image file is empty"),

@@ -4,15 +4,7 @@ import json
 
 import pytest
 
-from conftest import TINY, run, set_params
-
-
-def mlflow_runs(project):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("avse")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+from conftest import TINY, mlflow_runs, run, set_params
 
 
 def test_dvc_repro_runs_the_pipeline_and_then_has_nothing_to_do(project):

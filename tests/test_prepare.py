@@ -2,18 +2,22 @@
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
+from avse import cli
 from avse.data.formats import read_caption_splits, read_karpathy, read_lines, write_caption_splits
 from avse.data.prepare import MAX_LISTED_PROBLEMS, prepare
 from avse.data.tokenizer import load_tokenizer, train_wordpiece
 from avse.errors import DataError
 
-from conftest import make_config
+from conftest import REPO, make_config, run
+from test_images import jpeg_claiming
 
 SPLITS = ("train", "dev", "test")
 
@@ -200,6 +204,13 @@ def test_empty_split(tmp_path):
     assert "split dev is empty" in run_bad(tmp_path, caps_dir, image_dir)
 
 
+def test_image_in_two_splits(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / "test_ids.txt").write_text("5\n" * 5 + "1\n" * 5)  # a training image among the test images
+    message = run_bad(tmp_path, caps_dir, image_dir)
+    assert message == f"{caps_dir / 'test_caps.txt'}:6: image id 1 is also in split train; an image belongs to one split; nothing was written"
+
+
 def test_skip_bad_images_drops_their_captions_and_reports(tmp_path):
     caps_dir, image_dir = make_raw(tmp_path)
     (image_dir / "0001.jpg").unlink()
@@ -306,3 +317,73 @@ def test_prepare_trains_a_tokenizer_on_train_captions(tmp_path):
             tokenizer_builder=lambda captions, folder: train_wordpiece(captions, folder, vocab_size=100))
     tokenizer = load_tokenizer(out / "tokenizer")
     assert "train" in tokenizer.get_vocab() and "dev" not in tokenizer.get_vocab()
+
+
+def prepare_command(tmp_path: Path, monkeypatch, capsys, caps_dir: Path, image_dir: Path) -> tuple[int, str]:
+    """`avse prepare` in a project at `tmp_path` reading the given dataset: (exit status, stderr)."""
+    params = {"data": {"dataset": "f30k", "root": str(caps_dir), "images": str(image_dir), "cache_res": 4, "vocab_size": 100}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    monkeypatch.chdir(tmp_path)
+    status = cli.main(["prepare"])
+    return status, capsys.readouterr().err
+
+
+def test_odd_but_valid_files_are_prepared_by_the_command(tmp_path, monkeypatch, capsys):
+    caps_dir, image_dir = make_raw(tmp_path)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 2] = 255  # opencv's BGR order
+    (image_dir / "0000.jpg").write_bytes(cv2.imencode(".png", red)[1].tobytes())  # a PNG named .jpg
+    cv2.imwrite(str(image_dir / "0001.jpg"), np.full((8, 8), 90, np.uint8))  # grayscale
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(image_dir / "0002.jpg", quality=100)  # red in CMYK
+    for name in ("train_caps.txt", "train_ids.txt"):  # written on Windows: a byte-order mark and CRLF
+        text = (caps_dir / name).read_text()
+        (caps_dir / name).write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    status, err = prepare_command(tmp_path, monkeypatch, capsys, caps_dir, image_dir)
+    assert status == 0, err
+    out = tmp_path / "data" / "prepared" / "f30k"
+    rows = read_index(out / "train.csv")
+    assert [r["image_id"] for r in rows] == ["0"] * 5 + ["1"] * 5 + ["2"] * 5
+    assert rows[0]["caption"] == "caption 0 of image 0 in train"
+    cache = np.load(out / "train_images.npy").astype(int)  # RGB rows, whatever the file held
+    assert cache[0, ..., 0].min() > 240 and cache[0, ..., 2].max() < 15
+    assert (cache[1] == 90).all()
+    assert cache[2, ..., 0].mean() > 200 and cache[2, ..., 1].mean() < 60
+
+
+def written_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if not p.is_dir()]
+
+
+def cut_jpeg(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda caps, images: cut_jpeg(images / "0003.jpg"),
+     "{images}/0003.jpg: truncated JPEG (no end-of-image marker) (image id 3, split dev); nothing was written"),
+    (lambda caps, images: (images / "0001.jpg").write_bytes(jpeg_claiming(20000)),
+     "{images}/0001.jpg: image is 20000x20000 pixels, over the limit of 268435456 pixels (image id 1, split train); nothing was written"),
+    (lambda caps, images: (caps / "test_ids.txt").write_text("5\n" * 5 + "0\n" * 5),
+     "{caps}/test_caps.txt:6: image id 0 is also in split train; an image belongs to one split; nothing was written"),
+    (lambda caps, images: (caps / "dev_ids.txt").write_text("3\n" * 5 + "99\n" * 5),
+     "{caps}/dev_caps.txt:6: image id 99 is not in {caps}/id_mapping.json; nothing was written"),
+])
+def test_bad_input_stops_the_command_with_one_line_naming_the_file(tmp_path, monkeypatch, capsys, damage, error):
+    caps_dir, image_dir = make_raw(tmp_path)
+    damage(caps_dir, image_dir)
+    status, err = prepare_command(tmp_path, monkeypatch, capsys, caps_dir, image_dir)
+    assert status == 2
+    assert err.splitlines()[-1] == f"error: {error.format(caps=caps_dir, images=image_dir)}"  # after the progress bars
+    assert written_files(tmp_path / "data") == []
+
+
+def test_bad_input_in_a_process_of_its_own(tmp_path):
+    """The same through `python -m avse.cli prepare`: exit status 2, one line on stderr, no traceback."""
+    caps_dir, image_dir = make_raw(tmp_path)
+    cut_jpeg(image_dir / "0003.jpg")
+    (tmp_path / "params.yaml").write_text(json.dumps({"data": {"dataset": "f30k", "root": str(caps_dir), "images": str(image_dir)}}))
+    result = run([sys.executable, "-m", "avse.cli", "prepare"], cwd=tmp_path, check=False, env={"PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == f"error: {image_dir / '0003.jpg'}: truncated JPEG (no end-of-image marker) (image id 3, split dev); nothing was written"
+    assert "Traceback" not in result.stderr and written_files(tmp_path / "data") == []

@@ -109,16 +109,23 @@ def prepare(config: Config, out_dir: Path, *, tokenizer_builder=None, progress: 
 
 
 def check_captions(raw: RawDataset) -> list[Problem]:
-    """Caption-level rules: empty captions, unknown image ids, 5 captions per evaluation image, empty splits."""
+    """Caption-level rules: empty captions, unknown image ids, images in two splits, 5 captions per evaluation
+    image, empty splits."""
     problems = []
     unknown_reported: set[int] = set()
+    split_of: dict[int, str] = {}  # image id -> the first split that uses it
     for name, split in raw.splits.items():
         if not split.captions:
             problems.append(Problem(f"{raw.mapping_source}", f"split {name} is empty"))
             continue
+        shared: set[int] = set()  # image ids of this split already reported as used by an earlier split
         for caption in split.captions:
             if not caption.text.strip():
                 problems.append(Problem(caption.where, "empty caption"))
+            owner = split_of.setdefault(caption.image_id, name)
+            if owner != name and caption.image_id >= 0 and caption.image_id not in shared:
+                shared.add(caption.image_id)  # an evaluation image seen in training would inflate its results
+                problems.append(Problem(caption.where, f"image id {caption.image_id} is also in split {owner}; an image belongs to one split"))
             if caption.image_id >= 0 and caption.image_id not in raw.id_to_file and caption.image_id not in unknown_reported:
                 unknown_reported.add(caption.image_id)
                 problems.append(Problem(caption.where, f"image id {caption.image_id} is not in {raw.mapping_source}"))
@@ -218,7 +225,9 @@ def caption_stats(captions: list[Caption]) -> dict:
 
 
 def format_problems(problems: list[Problem], root: str) -> str:
-    lines = [f"{root}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the input data; nothing was written"]
+    if len(problems) == 1:
+        return f"{problems[0]}; nothing was written"
+    lines = [f"{root}: {len(problems)} problems in the input data; nothing was written"]
     lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
     if len(problems) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")

@@ -23,9 +23,22 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state`; a crash mid-write leaves the previous file at `path` intact."""
+    """Write `state`; a crash or a full disk mid-write leaves the previous file at `path` intact."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        save_tensors(state, tmp)
+
+
+def save_tensors(obj: Any, path: str | Path) -> None:
+    """`torch.save` through a Python file, so that a failed write (a full disk) raises its OSError, which
+    `atomic_path` reports clearly; torch's own file writer turns it into an opaque RuntimeError."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            # After a failed write torch still tries to finish the archive, and that error replaces the first.
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 def load_checkpoint(

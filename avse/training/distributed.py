@@ -53,7 +53,11 @@ def init_distributed() -> DistContext:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        # torchrun keeps its store across restarts (--max-restarts): without a prefix per attempt, the
+        # processes of a restarted job find the addresses of the dead ones and cannot connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=world_size)
     return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 

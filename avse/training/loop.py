@@ -261,6 +261,7 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
 
     # Resume
     state, run_id = TrainState(), None
+    saved_step: int | None = None  # the step last.pt holds for this run, once there is one
     config_hash = training_hash(config, ctx.world_size, dtype, prepared)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last_path.exists():
@@ -271,6 +272,7 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
             if checkpoint["scaler"]:  # empty when the run did not use fp16 loss scaling
                 scaler.load_state_dict(checkpoint["scaler"])
             state = TrainState(**checkpoint["state"])
+            saved_step = state.step
             run_id = checkpoint["run_id"] or None
             if not best_path.exists():  # e.g. removed by `dvc repro` before rerunning the stage
                 state.best_rsum, state.evaluated_step = -1.0, -1
@@ -291,12 +293,18 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
         log.info("model: %.2fM parameters, %s precision, %d process(es), %d steps of global batch %d",
                  n_params / 1e6, str(dtype).removeprefix("torch."), ctx.world_size, total_steps, sampler.global_batch)
 
-    def save_last() -> None:
+    def save_last(final: bool = False) -> None:
+        """Write last.pt; mid-run only after a good step, so that when non-finite steps stop the run,
+        last.pt still holds the last good state."""
+        nonlocal saved_step
+        if state.bad_in_a_row and not final:
+            return
         if ctx.is_main:
             save_checkpoint(last_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "state": asdict(state), "config_hash": config_hash, "run_id": run_id or "",
             })
+        saved_step = state.step
 
     def evaluate_and_select() -> None:
         state.evaluated_step = state.step
@@ -346,9 +354,10 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
                         log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", state.step, state.bad_in_a_row)
                         tracker.log_metrics({"skipped_steps": state.skipped_steps}, state.step)
                         if state.bad_in_a_row >= train_cfg.max_bad_steps:
+                            kept = f"the last good checkpoint is {last_path} (step {saved_step})" if saved_step is not None else "no checkpoint was written"
                             raise TrainingError(
-                                f"{state.bad_in_a_row} consecutive non-finite steps (train.max_bad_steps); "
-                                f"the last good checkpoint is {last_path}"
+                                f"training stopped after {state.bad_in_a_row} consecutive steps with a non-finite loss or "
+                                f"gradients (train.max_bad_steps); {kept}"
                             )
                     window_finite = True
                     state.step += 1
@@ -387,7 +396,7 @@ def train(config: Config, out_dir: Path = MODELS) -> TrainState:
 
     if state.evaluated_step != state.step:
         evaluate_and_select()  # a run that stopped mid-epoch is evaluated where it stopped
-    save_last()
+    save_last(final=True)
     if ctx.is_main:
         summary = {
             "steps": state.step, "epochs": state.epoch, "best_dev_rsum": state.best_rsum, "best_epoch": state.best_epoch,
