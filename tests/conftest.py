@@ -18,16 +18,6 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Parameters of a pipeline that runs end to end in seconds: 200 training captions, 10 dev and 10 test images.
-TINY = {
-    "data": {"synthetic": {"train_images": 40, "dev_images": 10, "test_images": 10, "image_size": 32},
-             "img_res": 32, "cache_res": 32, "num_workers": 0, "vocab_size": 100},
-    "model": {"embed_size": 32, "block_dim": 16},
-    "train": {"batch_size": 16, "epochs": 1, "log_every": 2},
-    "embed": {"batch_size": 8},
-}
-
-
 @pytest.fixture
 def f30k_fixtures() -> Path:
     if not F30K_FIXTURES.exists():
@@ -43,22 +33,6 @@ TINY = {
     "train": {"batch_size": 16, "epochs": 1, "log_every": 2},
     "embed": {"batch_size": 8},
 }
-
-
-def set_params(project: Path, tree: dict) -> None:
-    """Merge a (partial) params tree into the project's params.yaml."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in tree.items():
-        _merge(params.setdefault(section, {}), values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _merge(target: dict, values: dict) -> None:
-    for key, value in values.items():
-        if isinstance(value, dict):
-            _merge(target.setdefault(key, {}), value)
-        else:
-            target[key] = value
 
 
 def make_config(tree: dict | None = None):
