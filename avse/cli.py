@@ -61,8 +61,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from avse.data.dataset import PreparedSplit
     from avse.data.prepare import prepared_dir
     from avse.evaluation import search
-    from avse.pipeline import EMBEDDINGS
-    from avse.training.loop import MODELS
+    from avse.pipeline import EMBEDDINGS, MODELS
 
     if (args.query is None) == (args.image is None):
         raise AvseError("search: give either a text query or --image PATH")

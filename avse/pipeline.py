@@ -14,6 +14,7 @@ log = logging.getLogger("avse")
 
 SYNTHETIC_CAPTIONS = Path("data/synthetic")
 SYNTHETIC_IMAGES = Path("data/synthetic-images")
+MODELS = Path("models")
 EMBEDDINGS = Path("embeddings")
 EVAL_METRICS = Path("metrics/eval.json")
 RECALL_CURVE = Path("metrics/recall_curve.csv")
@@ -58,7 +59,7 @@ def train(config: Config) -> None:
     """Train with `train.nproc_per_node` processes; writes `models/` and `metrics/train.json`."""
     from avse.training.loop import train as train_loop
 
-    train_loop(config)
+    train_loop(config, MODELS)
 
 
 def embed(config: Config) -> None:
@@ -72,7 +73,6 @@ def embed(config: Config) -> None:
     from avse.evaluation.embed import encode_captions, encode_images, load_trained
     from avse.io import atomic_path
     from avse.training.checkpoint import save_tensors
-    from avse.training.loop import MODELS
     from avse.training.optim import resolve_precision
 
     model, trained, tokenize, checkpoint = load_trained(MODELS)
@@ -110,7 +110,6 @@ def evaluate(config: Config) -> None:
     from avse.evaluation import evaluate as ev
     from avse.io import write_json
     from avse.tracking import Tracker
-    from avse.training.loop import MODELS
 
     split_name = config.embed.split
     embeddings = ev.Embeddings.load(EMBEDDINGS / split_name)
@@ -153,7 +152,6 @@ def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: b
     from avse.model import backbones, official
     from avse.model.avse import build_model
     from avse.training.checkpoint import save_checkpoint
-    from avse.training.loop import MODELS
 
     out_dir = out_dir or MODELS
     content = official.read_checkpoint(source, trust)

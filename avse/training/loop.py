@@ -45,7 +45,6 @@ from avse.training.optim import build_optimizer, lr_factor, resolve_precision
 
 log = logging.getLogger("avse.train")
 
-MODELS = Path("models")
 TRAIN_METRICS = Path("metrics/train.json")
 # Settings that change how a run is observed or how long it goes on, not what it computes:
 # a checkpoint written under other values of these is still resumed.
@@ -222,7 +221,7 @@ def run_tags(config: Config) -> dict[str, str]:
     }
 
 
-def train(config: Config, out_dir: Path = MODELS) -> TrainState:
+def train(config: Config, out_dir: Path) -> TrainState:
     ctx = init_distributed()
     dtype = resolve_precision(config.train.precision, ctx.device)
     train_cfg = config.train
