@@ -15,6 +15,7 @@ import pytest
 from avse import tracking
 from avse.config import TrackingConfig
 from avse.tracking import Tracker, sync_unsent
+from conftest import TINY, run, set_params
 
 
 def free_port() -> int:
@@ -175,3 +176,20 @@ def test_a_failed_sync_keeps_exactly_what_was_not_sent(tmp_path):
     with pytest.raises(tracking.AvseError, match=r"could not send metrics of run abc .*0 records sent, the rest kept in"):
         sync_unsent(unsent)
     assert json.loads(unsent.read_text()) == record
+
+
+def test_a_pipeline_run_logged_to_a_server_reads_back_over_rest(server, project):
+    set_params(project, TINY | {"tracking": {"uri": server.uri, "experiment": "avse"}})
+    run(["dvc", "repro"], cwd=project)
+    experiment = server.get("experiments/get-by-name?experiment_name=avse")["experiment"]["experiment_id"]
+    (found,) = server.post("runs/search", {"experiment_ids": [experiment]})["runs"]
+    run_id = found["info"]["run_id"]
+    assert run_id == json.loads((project / "models" / "run.json").read_text())["run_id"]
+    params = {p["key"]: p["value"] for p in found["data"]["params"]}
+    assert (params["train.batch_size"], params["model.embed_size"], params["data.img_res"]) == ("16", "32", "32")
+    assert {t["key"]: t["value"] for t in found["data"]["tags"]}["dataset"] == "synthetic"
+    assert [step for step, _ in history(server, run_id, "loss")] == [2, 4, 6, 8, 10, 12]  # every train.log_every steps
+    evaluated = json.loads((project / "metrics" / "eval.json").read_text())["1k"]["rsum"]
+    assert history(server, run_id, "test_1k_rsum") == [(0, pytest.approx(evaluated, abs=1e-3))]
+    artifacts = server.get(f"artifacts/list?run_id={run_id}&path=checkpoints")["files"]
+    assert [(a["path"], a["file_size"] > 0) for a in artifacts] == [("checkpoints/best.pt", True)]
