@@ -34,7 +34,7 @@ from avse.data.tokenizer import CaptionTokenizer, tokenizer_for
 from avse.errors import AvseError
 from avse.evaluation.embed import autocast, encode_captions, encode_images
 from avse.evaluation.recall import recall_metrics
-from avse.io import write_json
+from avse.io import atomic_path, write_json
 from avse.model.avse import AVSE, build_model
 from avse.model.losses import hinge_triplet_loss, infonce_loss, multi_view_decorrelation
 from avse.progress import progress
@@ -286,7 +286,8 @@ def train(config: Config, out_dir: Path) -> TrainState:
     run_id = tracker.start(run_id, run_name=run_name, params=config.flat(), tags=run_tags(config), system_metrics=True) or run_id
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tokenize.tokenizer.save_pretrained(out_dir / "tokenizer")  # trained models carry their vocabulary
+        with atomic_path(out_dir / "tokenizer") as tmp:  # trained models carry their vocabulary
+            tokenize.tokenizer.save_pretrained(tmp)
         write_json(out_dir / "run.json", {"run_id": run_id, "config_hash": config_hash, "tracking_uri": config.tracking.uri, "experiment": config.tracking.experiment})
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model: %.2fM parameters, %s precision, %d process(es), %d steps of global batch %d",
