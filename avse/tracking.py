@@ -40,8 +40,12 @@ def store_uri(uri: str, root: Path | None = None) -> str:
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or Path(uri[len(prefix):]).is_absolute():
         return uri
-    root = Path(root or os.environ.get("DVC_ROOT") or ".").resolve()
-    return prefix + str(root / uri[len(prefix):])
+    return prefix + str(project_root(root) / uri[len(prefix):])
+
+
+def project_root(root: Path | None = None) -> Path:
+    """`root`, else the project a (possibly queued) DVC experiment runs for, else the current directory."""
+    return Path(root or os.environ.get("DVC_ROOT") or ".").resolve()
 
 
 def artifact_root(uri: str) -> str | None:
@@ -119,14 +123,15 @@ class Tracker:
         if self.run_id is not None:
             self._guard("close the MLflow run", lambda: self._client.set_terminated(self.run_id, status=status))
         if self._pending:
-            UNSENT_FILE.parent.mkdir(parents=True, exist_ok=True)
-            with UNSENT_FILE.open("a", encoding="utf-8") as f:
+            unsent = project_root() / UNSENT_FILE  # a queued experiment's copy of the project is deleted
+            unsent.parent.mkdir(parents=True, exist_ok=True)
+            with unsent.open("a", encoding="utf-8") as f:
                 if self.run_id is None:  # the store was never reached: keep what creating the run needs
                     f.write(json.dumps({"tracking_uri": self.uri, "run_id": None, "run": self._run_record}) + "\n")
                 for record in self._pending:
                     f.write(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id, **record}) + "\n")
             log.warning("MLflow: %d metric records could not be sent; they are in %s: send them with `avse tracking-sync` "
-                        "once %s is reachable", len(self._pending), UNSENT_FILE, self.uri)
+                        "once %s is reachable", len(self._pending), unsent, self.uri)
             self._pending.clear()
 
     def _flush(self, force: bool = False) -> None:

@@ -193,3 +193,17 @@ def test_a_pipeline_run_logged_to_a_server_reads_back_over_rest(server, project)
     assert history(server, run_id, "test_1k_rsum") == [(0, pytest.approx(evaluated, abs=1e-3))]
     artifacts = server.get(f"artifacts/list?run_id={run_id}&path=checkpoints")["files"]
     assert [(a["path"], a["file_size"] > 0) for a in artifacts] == [("checkpoints/best.pt", True)]
+
+
+def test_metrics_a_queued_experiment_could_not_send_are_kept_in_the_project_not_in_its_temporary_copy(tmp_path, monkeypatch):
+    copy, project = tmp_path / "copy", tmp_path / "project"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(project))  # what `dvc exp run --queue` sets
+    tracker = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", experiment="avse"))
+    assert tracker.start(None, "run", {}, {}) is None
+    tracker.log_metrics({"loss": 1.0}, 1)
+    tracker.finish()
+    assert not (copy / "metrics").exists()
+    kept = [json.loads(line) for line in (project / "metrics" / "untracked.jsonl").read_text().splitlines()]
+    assert [record.get("step") for record in kept] == [None, 1]  # the run record, then the metrics

@@ -284,11 +284,16 @@ def train(config: Config, out_dir: Path) -> TrainState:
     tracker = Tracker(config.tracking, active=ctx.is_main)
     run_name = f"{config.data.dataset}-{config.model.vision.name.split('/')[-1]}"
     run_id = tracker.start(run_id, run_name=run_name, params=config.flat(), tags=run_tags(config), system_metrics=True) or run_id
+
+    def write_run_record() -> None:
+        # The store may open the run only later (it was unreachable at the start): the evaluate stage reports into this id.
+        write_json(out_dir / "run.json", {"run_id": tracker.run_id or run_id, "config_hash": config_hash,
+                                          "tracking_uri": config.tracking.uri, "experiment": config.tracking.experiment})
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(out_dir / "tokenizer") as tmp:  # trained models carry their vocabulary
             tokenize.tokenizer.save_pretrained(tmp)
-        write_json(out_dir / "run.json", {"run_id": run_id, "config_hash": config_hash, "tracking_uri": config.tracking.uri, "experiment": config.tracking.experiment})
+        write_run_record()
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model: %.2fM parameters, %s precision, %d process(es), %d steps of global batch %d",
                  n_params / 1e6, str(dtype).removeprefix("torch."), ctx.world_size, total_steps, sampler.global_batch)
@@ -302,7 +307,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         if ctx.is_main:
             save_checkpoint(last_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "state": asdict(state), "config_hash": config_hash, "run_id": run_id or "",
+                "state": asdict(state), "config_hash": config_hash, "run_id": tracker.run_id or run_id or "",
             })
         saved_step = state.step
 
@@ -410,6 +415,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         tracker.log_metrics({"train_seconds": summary["train_seconds"], "best_dev_rsum": state.best_rsum}, state.step)
         tracker.log_artifact(best_path, "checkpoints")
         tracker.finish()
+        write_run_record()
         log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, summary["pairs_per_s"])
     shutdown(ctx)
     return state
