@@ -53,8 +53,9 @@ def history(client, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
 
 
 def test_train_stage_killed_mid_epoch_resumes_under_dvc_repro(project):
-    # Small batches make a long epoch, so that the kill lands well before its end however fast the machine.
-    set_params(project, {"train": {"ckpt_every_steps": 3, "log_every": 1, "batch_size": 4}})
+    # Small batches make a long epoch and sparse checkpoints leave time between them, so that the kill
+    # lands past a checkpoint and well before the end however fast the machine.
+    set_params(project, {"train": {"ckpt_every_steps": 10, "log_every": 1, "batch_size": 4}})
     steps = 200 // 4
     last, run_json, client = project / "models" / "last.pt", project / "models" / "run.json", mlflow_client(project)
     with open(project / "killed.log", "w") as log:
