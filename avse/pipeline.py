@@ -144,13 +144,11 @@ def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: b
     `overrides` for what the options do not say (data paths, a local BERT folder).
     Nothing is written unless every parameter converts with its expected shape.
     """
-    import dataclasses
-
     from avse.config import load_config
     from avse.data.tokenizer import load_tokenizer
     from avse.io import atomic_path
     from avse.model import backbones, official
-    from avse.model.avse import build_model
+    from avse.model.avse import build_model, random_backbones
     from avse.training.checkpoint import save_checkpoint
 
     out_dir = out_dir or MODELS
@@ -163,13 +161,7 @@ def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: b
         raise AvseError(f"{source}: no text backbone word embeddings (txt_enc.bert.embeddings.word_embeddings.weight)")
     vocab_size = word_embeddings.shape[0]
     image_size = official.vision_image_size(state, family, vision_config.patch_size)
-    # Backbones are built empty (no download); every weight comes from the checkpoint.
-    architecture = dataclasses.replace(config, model=dataclasses.replace(
-        config.model,
-        vision=dataclasses.replace(config.model.vision, init="random"),
-        text=dataclasses.replace(config.model.text, init="random"),
-    ))
-    model = build_model(architecture, vocab_size, image_size)
+    model = build_model(random_backbones(config), vocab_size, image_size)  # every weight comes from the checkpoint
     expected = model.state_dict()
     state.update({name: expected[name] for name in official.NOT_IN_OFFICIAL})
     missing = sorted(set(expected) - set(state))

@@ -93,6 +93,14 @@ def build_model(config: Config, vocab_size: int | None, vision_image_size: int |
     return model
 
 
+def random_backbones(config: Config) -> Config:
+    """`config` with both backbones randomly initialised: the architecture alone, for weights loaded
+    afterwards (or none at all), with no download."""
+    model = config.model
+    return dataclasses.replace(config, model=dataclasses.replace(
+        model, vision=dataclasses.replace(model.vision, init="random"), text=dataclasses.replace(model.text, init="random")))
+
+
 def from_checkpoint(checkpoint: dict) -> tuple[AVSE, Config]:
     """The trained model of a `best.pt` checkpoint, built from the config it was trained with.
 
@@ -102,11 +110,6 @@ def from_checkpoint(checkpoint: dict) -> tuple[AVSE, Config]:
     from avse.config import from_dict
 
     trained = from_dict(checkpoint["config"])
-    architecture = dataclasses.replace(trained, model=dataclasses.replace(
-        trained.model,
-        vision=dataclasses.replace(trained.model.vision, init="random"),
-        text=dataclasses.replace(trained.model.text, init="random"),
-    ))
-    model = build_model(architecture, checkpoint["vocab_size"], checkpoint["vision_image_size"])
+    model = build_model(random_backbones(trained), checkpoint["vocab_size"], checkpoint["vision_image_size"])
     model.load_state_dict(checkpoint["model"])
     return model.eval(), trained

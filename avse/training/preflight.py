@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from avse.config import Config
-from avse.model.avse import build_model
+from avse.model.avse import build_model, random_backbones
 from avse.training.distributed import check_devices
 
 
@@ -17,8 +15,5 @@ def check_training_setup(config: Config) -> None:
     check_devices(config.train.nproc_per_node)
     # Random weights on the meta device: every check of the model's construction runs, nothing is
     # allocated and no pretrained weights are loaded.
-    model = config.model
-    architecture = dataclasses.replace(model, vision=dataclasses.replace(model.vision, init="random"),
-                                       text=dataclasses.replace(model.text, init="random"))
     with torch.device("meta"):
-        build_model(dataclasses.replace(config, model=architecture), config.data.vocab_size)
+        build_model(random_backbones(config), config.data.vocab_size)
