@@ -68,12 +68,14 @@ def embed(config: Config) -> None:
 
     import torch
 
+    from avse.compute import resolve_precision, retain_freed_memory
     from avse.data.dataset import PreparedSplit
     from avse.data.prepare import prepared_dir
     from avse.evaluation.embed import encode_captions, encode_images, load_trained
     from avse.io import atomic_path
     from avse.training.checkpoint import save_tensors
-    from avse.training.optim import resolve_precision
+
+    retain_freed_memory()
 
     model, trained, tokenize, checkpoint = load_trained(MODELS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

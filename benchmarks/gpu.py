@@ -18,13 +18,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from avse.compute import resolve_precision
 from avse.config import load_config
 from avse.model.avse import build_model
 from avse.model.similarity import meta_similarity
 from avse.training.distributed import DistContext
 from avse.training.dry_run import random_batch
 from avse.training.loop import forward_backward, optimizer_step
-from avse.training.optim import build_optimizer, resolve_precision
+from avse.training.optim import build_optimizer
 
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

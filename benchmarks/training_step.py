@@ -22,13 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from avse.compute import resolve_precision, retain_freed_memory
 from avse.config import load_config
 from avse.model.avse import AVSE, build_model
 from avse.model.sampling import gather_views, keep_count, radial_bias_indices, view_centres
 from avse.training.distributed import DistContext
 from avse.training.dry_run import random_batch
 from avse.training.loop import forward_backward, optimizer_step
-from avse.training.optim import build_optimizer, resolve_precision
+from avse.training.optim import build_optimizer
 
 FULL_SIZE = ["model.vision.name=google/vit-base-patch16-224-in21k", "model.text.name=bert-base-uncased",
              "model.embed_size=1024", "model.block_dim=256", "data.img_res=224", "train.batch_size=8"]
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="precision of our step: fp32, bf16 or auto (the default of train.precision)")
     parser.add_argument("--tiny", action="store_true", help="the embedded default's backbones instead of ViT-B/16 + BERT-base")
     args = parser.parse_args()
+    retain_freed_memory()  # as the train stage does; the baseline step benefits alike
 
     config = load_config(overrides=(TINY if args.tiny else FULL_SIZE) + COMMON + [f"train.precision={args.precision}"])
     device = torch.device("cpu")

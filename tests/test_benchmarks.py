@@ -17,7 +17,7 @@ def run_benchmark(*args: str) -> str:
 
 def test_gpu_benchmark_reports_training_throughput_flops_and_scoring_time():
     out = run_benchmark("benchmarks/gpu.py", "--tiny", "--steps", "1")
-    train = re.search(r"train vit-tiny 64, batch 16: ([\d.]+) pairs/s in float32, \d+ ms/step, ([\d.]+) TFLOP/step", out)
+    train = re.search(r"train vit-tiny 64, batch 16: ([\d.]+) pairs/s in b?float(?:16|32), \d+ ms/step, ([\d.]+) TFLOP/step", out)
     assert train and float(train.group(1)) > 0 and float(train.group(2)) > 0, out
     assert re.search(r"score 200 x 1000 .*: [\d.]+ s", out), out
 

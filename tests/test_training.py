@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from avse import compute
 from avse.config import from_dict
 from avse.training import optim
 from avse.training.distributed import DistContext
@@ -54,11 +55,28 @@ def test_lr_schedule_warmup_and_step_decay():
 
 
 def test_precision(monkeypatch):
-    assert optim.resolve_precision("fp16", CPU) == torch.float16
-    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: False)
-    assert optim.resolve_precision("auto", CPU) == torch.float32
-    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: True)
-    assert optim.resolve_precision("auto", CPU) == torch.bfloat16
+    assert compute.resolve_precision("fp16", CPU) == torch.float16
+    monkeypatch.setattr(compute, "cpu_has_fast_bf16", lambda: False)
+    assert compute.resolve_precision("auto", CPU) == torch.float32
+    monkeypatch.setattr(compute, "cpu_has_fast_bf16", lambda: True)
+    assert compute.resolve_precision("auto", CPU) == torch.bfloat16
+
+
+def test_cpu_bf16_attention_avoids_the_fused_kernel():
+    # The fused CPU kernel's bf16 backward is several times slower than the matmul path's.
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    with compute.autocast(CPU, torch.bfloat16):
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert out.dtype == torch.bfloat16
+    assert "Flash" not in type(out.grad_fn).__name__
+    with compute.autocast(CPU, torch.float32):
+        fused = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert "Flash" in type(fused.grad_fn).__name__
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
+def test_retain_freed_memory_takes_effect_on_glibc():
+    assert compute.retain_freed_memory() is True
 
 
 def test_parameter_groups_and_learning_rates():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from avse.progress import progress as progress_bar
 
+from avse.compute import autocast
 from avse.data.dataset import ImageDataset, PreparedSplit
 from avse.config import Config
 from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
@@ -24,12 +24,6 @@ def load_trained(models_dir: Path) -> tuple[AVSE, Config, CaptionTokenizer, dict
     model, trained = from_checkpoint(checkpoint)
     tokenize = CaptionTokenizer(load_tokenizer(models_dir / "tokenizer"), trained.model.text.max_len)
     return model, trained, tokenize, checkpoint
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()

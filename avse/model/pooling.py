@@ -93,6 +93,11 @@ class GPO(nn.Module):
             ``[B, L]`` weights summing to 1 over positions ``< lengths[b]``, exactly 0 beyond.
         """
         device = lengths.device
+        with torch.autocast(device.type, enabled=False):  # a tiny GRU: casting its weights at every step costs more than fp32
+            return self._pool_weights(lengths, max_len)
+
+    def _pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
+        device = lengths.device
         # The GRU's input depends only on the length, so run it once per distinct length
         # (a handful under size augmentation) instead of once per sample.
         distinct, which = torch.unique(lengths, return_inverse=True)  # [U], [B]

@@ -11,11 +11,12 @@ import time
 
 import torch
 
+from avse.compute import resolve_precision, retain_freed_memory
 from avse.config import Config
 from avse.model.avse import build_model
 from avse.training.distributed import DistContext, init_distributed
 from avse.training.loop import forward_backward, optimizer_step
-from avse.training.optim import build_optimizer, resolve_precision
+from avse.training.optim import build_optimizer
 
 
 def random_batch(config: Config, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -33,6 +34,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def dry_run(config: Config, steps: int) -> dict[str, float]:
+    retain_freed_memory()  # as the train stage does
     ctx: DistContext = init_distributed()
     dtype = resolve_precision(config.train.precision, ctx.device)
     vocab_size = config.data.vocab_size

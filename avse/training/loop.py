@@ -27,12 +27,13 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from avse.compute import autocast, resolve_precision, retain_freed_memory
 from avse.config import Config, stable_hash
 from avse.data.dataset import PairDataset, PreparedSplit
 from avse.data.prepare import prepared_dir
 from avse.data.tokenizer import CaptionTokenizer, tokenizer_for
 from avse.errors import AvseError
-from avse.evaluation.embed import autocast, encode_captions, encode_images
+from avse.evaluation.embed import encode_captions, encode_images
 from avse.evaluation.recall import recall_metrics
 from avse.io import atomic_path, write_json
 from avse.model.avse import AVSE, build_model
@@ -41,7 +42,7 @@ from avse.progress import progress
 from avse.tracking import Tracker
 from avse.training.checkpoint import load_checkpoint, save_checkpoint
 from avse.training.distributed import DistContext, all_reduce_sum, barrier, gather_with_grad, init_distributed, shutdown
-from avse.training.optim import build_optimizer, lr_factor, resolve_precision
+from avse.training.optim import build_optimizer, lr_factor
 
 log = logging.getLogger("avse.train")
 
@@ -222,6 +223,7 @@ def run_tags(config: Config) -> dict[str, str]:
 
 
 def train(config: Config, out_dir: Path) -> TrainState:
+    retain_freed_memory()
     ctx = init_distributed()
     dtype = resolve_precision(config.train.precision, ctx.device)
     train_cfg = config.train

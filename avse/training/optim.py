@@ -1,18 +1,13 @@
-"""Optimiser, learning-rate schedule and numeric precision."""
+"""Optimiser and learning-rate schedule."""
 
 from __future__ import annotations
 
 import bisect
-import logging
 
 import torch
 
 from avse.config import TrainConfig
 from avse.model.avse import AVSE
-
-log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_optimizer(model: AVSE, config: TrainConfig) -> torch.optim.AdamW:
@@ -34,17 +29,3 @@ def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
     warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
     epoch = step // max(1, steps_per_epoch)
     return warmup * config.lr_decay_rate ** bisect.bisect_right(sorted(config.lr_decay_epochs), epoch)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matrix units (AVX512-BF16 or AMX): without them bf16 matmuls on a CPU are far slower than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 where the hardware runs it fast, fp16 on older GPUs, else fp32."""
-    if precision != "auto":
-        return PRECISIONS[precision]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

@@ -1,0 +1,77 @@
+"""How tensors are computed on this machine: numeric precision, mixed-precision contexts, the host allocator."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# glibc's largest mmap threshold on 64-bit systems: blocks up to this size come from the heap.
+_MAX_MMAP_THRESHOLD = 32 * 2**20
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matrix units (AVX512-BF16 or AMX): without them bf16 matmuls on a CPU are far slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 where the hardware runs it fast, fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; `float32` is none.
+
+    On CPUs, bf16 attention runs through SDPA's math backend: its matmuls use the bf16
+    matrix units, while the fused CPU kernel's backward is several times slower in bf16
+    than in fp32 (`benchmarks/README.md`, training step).
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        return _cpu_mixed_precision(dtype)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _cpu_mixed_precision(dtype: torch.dtype):
+    with torch.autocast("cpu", dtype=dtype), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed host memory in the process (glibc only) instead of returning it to the OS.
+
+    By default glibc serves every block over a few MB with a fresh mmap and unmaps it on
+    free, so a training step that allocates the same activations again pays page faults
+    and zero-filling for each one: about a fifth of the embedded default's CPU step. With
+    this, such blocks come from the heap, which is not trimmed. Peak memory is unchanged;
+    memory is returned when the process ends. Returns whether the settings took effect.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settings = {_M_MMAP_THRESHOLD: _MAX_MMAP_THRESHOLD, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 256 * 2**20}
+    applied = all(mallopt(option, value) == 1 for option, value in settings.items())
+    if not applied:
+        log.debug("mallopt refused the allocator settings; freed memory goes back to the OS")
+    return applied
