@@ -109,6 +109,7 @@ class TrainConfig:
     lr: float = field(default=2e-4, metadata=POSITIVE_FLOAT)
     backbone_lr_mult: float = field(default=0.1, metadata=NON_NEGATIVE_FLOAT)
     weight_decay: float = field(default=1e-4, metadata=NON_NEGATIVE_FLOAT)
+    lr_schedule: Literal["step", "cosine"] = "step"
     lr_decay_epochs: list[int] = field(default_factory=lambda: [9, 15, 20, 25])
     lr_decay_rate: float = field(default=0.3, metadata=POSITIVE_FLOAT)
     warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)

@@ -128,9 +128,10 @@ def main() -> None:
     median = {name: float(np.median(t)) for name, t in timings.items()}
     print(f"{config.model.vision.name} + {config.model.text.name}, batch {pairs}, {config.model.views} views of "
           f"{config.model.keep_ratio:.0%} patches, {torch.get_num_threads()} threads, median of {args.steps} steps")
-    print(f"  official-style step (fp32, eager) {median['baseline']:8.3f} s  {pairs / median['baseline']:7.2f} pairs/s")
-    print(f"  our step ({str(dtype).removeprefix('torch.')}, sdpa)            {median['ours']:8.3f} s  {pairs / median['ours']:7.2f} pairs/s")
-    print(f"  ratio                             {median['baseline'] / median['ours']:8.2f}x")
+    print(f"  {'official-style step (fp32, eager)':<34}{median['baseline']:8.3f} s  {pairs / median['baseline']:7.2f} pairs/s")
+    ours_label = f"our step ({str(dtype).removeprefix('torch.')}, views batched)"
+    print(f"  {ours_label:<34}{median['ours']:8.3f} s  {pairs / median['ours']:7.2f} pairs/s")
+    print(f"  {'ratio':<34}{median['baseline'] / median['ours']:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def test_each_paper_configuration_is_valid(name):
     assert backbone in config.model.vision.name and config.model.vision.init == "pretrained"
     assert (config.model.text.name, config.model.embed_size, config.model.block_dim) == ("bert-base-uncased", 1024, 256)
     assert config.train.decorrelation_weight == 0.005
+    assert (config.train.lr_schedule, config.train.epochs) == ("step", 30)
     # The paper's global batch of 128, split over the processes of the multi-GPU rows.
     assert config.train.batch_size * config.train.nproc_per_node == 128
     assert config.data.img_res == {"224": 256, "384": 384}[resolution]

@@ -50,8 +50,14 @@ def test_partial_global_batch_is_dropped():
 
 def test_lr_schedule_warmup_and_step_decay():
     train = from_dict({"train": {"warmup_steps": 4, "lr_decay_epochs": [2, 3], "lr_decay_rate": 0.5}}).train
-    factors = [optim.lr_factor(step, steps_per_epoch=10, config=train) for step in (0, 3, 10, 19, 20, 30, 45)]
+    factors = [optim.lr_factor(step, steps_per_epoch=10, total_steps=50, config=train) for step in (0, 3, 10, 19, 20, 30, 45)]
     assert factors == pytest.approx([0.25, 1.0, 1.0, 1.0, 0.5, 0.25, 0.25])
+
+
+def test_lr_schedule_warmup_and_cosine_decay_to_zero():
+    train = from_dict({"train": {"warmup_steps": 4, "lr_schedule": "cosine"}}).train
+    factors = [optim.lr_factor(step, steps_per_epoch=10, total_steps=104, config=train) for step in (0, 3, 4, 54, 104, 120)]
+    assert factors == pytest.approx([0.25, 1.0, 1.0, 0.5, 0.0, 0.0])
 
 
 def test_precision(monkeypatch):

@@ -343,7 +343,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
                 # Randomness (views, token drop, dropout) is a function of (seed, rank, batch), so a resumed run repeats it.
                 torch.manual_seed(hash((train_cfg.seed, ctx.rank, state.epoch, state.batch_in_epoch)) % 2**63)
                 for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * lr_factor(state.step, steps_per_epoch, train_cfg)
+                    group["lr"] = base * lr_factor(state.step, steps_per_epoch, total_steps, train_cfg)
                 sync = (state.batch_in_epoch + 1) % train_cfg.grad_accum == 0
                 with ddp_model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext():
                     objective, finite = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler, 1 / train_cfg.grad_accum)
