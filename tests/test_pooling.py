@@ -39,6 +39,17 @@ def test_gpo_shapes_and_weights() -> None:
     assert (weights[1, 3:] == 0).all() and (weights[2, 1:] == 0).all()
 
 
+def test_gpo_weights_stay_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    gpo = GPO(32, 32)
+    lengths = torch.tensor([6, 3, 6, 1])
+    expected = gpo.pool_weights(lengths, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = gpo.pool_weights(lengths, 6)
+    assert weights.dtype == torch.float32
+    assert torch.equal(weights, expected)
+
+
 @pytest.mark.parametrize("lengths", [[6, 3, 1, 6], [4, 4, 4]])
 def test_gpo_batch_matches_each_sample_alone(lengths: list[int]) -> None:
     torch.manual_seed(0)

@@ -92,8 +92,9 @@ class GPO(nn.Module):
         Returns:
             ``[B, L]`` weights summing to 1 over positions ``< lengths[b]``, exactly 0 beyond.
         """
-        device = lengths.device
-        with torch.autocast(device.type, enabled=False):  # a tiny GRU: casting its weights at every step costs more than fp32
+        # The GRU is tiny and runs one matmul per rank: under autocast, re-casting its weights
+        # at each of them costs more than running it in fp32.
+        with torch.autocast(lengths.device.type, enabled=False):
             return self._pool_weights(lengths, max_len)
 
     def _pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
