@@ -37,19 +37,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for the forward pass; `float32` is none.
 
-    On CPUs, bf16 attention runs through SDPA's math backend: its matmuls use the bf16
-    matrix units, while the fused CPU kernel's backward is several times slower in bf16
-    than in fp32 (`benchmarks/README.md`, training step).
+    On CPUs, a bf16 forward that records gradients runs attention through SDPA's math
+    backend: its matmuls use the bf16 matrix units, while the fused CPU kernel's backward
+    is several times slower in bf16 than in fp32 (`benchmarks/README.md`, training step).
+    Without gradients (embedding, evaluation) the fused kernel's forward is the faster one.
     """
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    if device.type == "cpu":
-        return _cpu_mixed_precision(dtype)
+    if device.type == "cpu" and torch.is_grad_enabled():
+        return _cpu_training_precision(dtype)
     return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
-def _cpu_mixed_precision(dtype: torch.dtype):
+def _cpu_training_precision(dtype: torch.dtype):
     with torch.autocast("cpu", dtype=dtype), sdpa_kernel(SDPBackend.MATH):
         yield
 

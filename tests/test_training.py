@@ -78,6 +78,8 @@ def test_cpu_bf16_attention_avoids_the_fused_kernel():
     with compute.autocast(CPU, torch.float32):
         fused = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert "Flash" in type(fused.grad_fn).__name__
+    with torch.no_grad(), compute.autocast(CPU, torch.bfloat16):  # inference keeps the fused kernel's faster forward
+        assert torch.backends.cuda.flash_sdp_enabled()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
