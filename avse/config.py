@@ -23,6 +23,9 @@ import yaml
 from avse.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+# Settings that change how a run is observed, not what it computes: runs that differ only in
+# these (and in `train.seed`) are repeats of one experiment.
+OBSERVATION_KEYS = frozenset({"train.log_every", "train.ckpt_every_steps", "train.max_bad_steps", "data.num_workers"})
 
 
 def _check(description: str, predicate):
@@ -96,7 +99,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
+    deterministic: bool = True  # bitwise-repeatable kernels (avse/training/seeding.py)
     batch_size: int = field(default=128, metadata=POSITIVE)
     epochs: int = field(default=6, metadata=POSITIVE)
     max_steps: int = field(default=0, metadata=NON_NEGATIVE)

@@ -95,7 +95,6 @@ def embed(config: Config) -> None:
         "split": split.name, "dataset": config.data.dataset, "block_dim": trained.model.block_dim,
         "matching": trained.model.matching, "sinkhorn_iters": trained.model.sinkhorn_iters,
         "dustbin": float(model.dustbin), "views": trained.model.views, "checkpoint_step": checkpoint["step"],
-        "images_per_s": round(len(images) / image_seconds, 1), "captions_per_s": round(len(captions) / caption_seconds, 1),
     }
     with atomic_path(EMBEDDINGS / split.name) as tmp:
         tmp.mkdir(parents=True)

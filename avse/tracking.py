@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from avse.config import TrackingConfig
+from avse.config import Config, TrackingConfig
 from avse.errors import AvseError
 
 log = logging.getLogger(__name__)
@@ -237,3 +238,24 @@ def sync_unsent(path: Path = UNSENT_FILE) -> int:
         sent += len(metrics)
     path.unlink()
     return sent
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_tags(config: Config) -> dict[str, str]:
+    """Tags the MLflow UI groups and filters runs by."""
+    return {
+        "dataset": config.data.dataset,
+        "backbone": config.model.vision.name,
+        "text_backbone": config.model.text.name,
+        "resolution": str(config.data.img_res),
+        "views": str(config.model.views),
+        "matching": config.model.matching,
+        "git_commit": git_commit(),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+    }

@@ -28,7 +28,7 @@ from avse.data.dataset import PairDataset, PreparedSplit
 from avse.data.prepare import prepare
 from avse.data.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 from avse.training.distributed import DistContext
-from avse.training.loop import Collate, GlobalBatchSampler
+from avse.training.batches import Collate, GlobalBatchSampler
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -9,7 +9,9 @@ from avse import compute
 from avse.config import from_dict
 from avse.training import optim
 from avse.training.distributed import DistContext
-from avse.training.loop import GlobalBatchSampler, optimizer_step, training_hash
+from avse.training.batches import GlobalBatchSampler
+from avse.training.checkpoint import training_hash
+from avse.training.loop import optimizer_step
 
 from conftest import REPO, run
 

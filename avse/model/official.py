@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from avse.errors import AvseError

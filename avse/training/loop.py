@@ -10,25 +10,20 @@ averaged gradients equal those of one process on the same global batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import os
-import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from avse.compute import autocast, resolve_precision, retain_freed_memory
-from avse.config import Config, stable_hash
+from avse.config import Config
 from avse.data.dataset import PairDataset, PreparedSplit
 from avse.data.prepare import prepared_dir
 from avse.data.tokenizer import CaptionTokenizer, tokenizer_for
@@ -37,19 +32,19 @@ from avse.evaluation.embed import encode_captions, encode_images
 from avse.evaluation.recall import recall_metrics
 from avse.io import atomic_path, write_json
 from avse.model.avse import AVSE, build_model
-from avse.model.losses import hinge_triplet_loss, infonce_loss, multi_view_decorrelation
 from avse.progress import progress
-from avse.tracking import Tracker
-from avse.training.checkpoint import load_checkpoint, save_checkpoint
-from avse.training.distributed import DistContext, all_reduce_sum, barrier, gather_with_grad, init_distributed, shutdown
+from avse.tracking import Tracker, run_tags
+from avse.training.batches import Collate, GlobalBatchSampler
+from avse.training.checkpoint import load_checkpoint, save_checkpoint, training_hash
+from avse.training.distributed import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
+from avse.training.objective import contrastive_loss
 from avse.training.optim import build_optimizer, lr_factor
+from avse.training.seeding import Draw, make_deterministic, seed_draws
 
 log = logging.getLogger("avse.train")
 
-TRAIN_METRICS = Path("metrics/train.json")
-# Settings that change how a run is observed or how long it goes on, not what it computes:
-# a checkpoint written under other values of these is still resumed.
-NOT_HASHED = {"train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every_steps", "train.max_bad_steps", "data.num_workers"}
+TRAIN_METRICS = Path("metrics/train.json")  # what the run computed: the same bits every time
+SPEED_METRICS = Path("metrics/train_speed.json")  # how fast it went: differs from run to run
 
 
 class TrainingError(AvseError):
@@ -70,97 +65,11 @@ class TrainState:
     skipped_steps: int = 0
     train_seconds: float = 0.0  # summed over resumed sessions
     pairs_seen: int = 0
-    recent_loss: float = float("nan")
+    recent_losses: list[float] = field(default_factory=list)  # the last `train.log_every` finite losses
 
-
-def training_hash(config: Config, world_size: int, dtype: torch.dtype, prepared: Path) -> str:
-    """What a checkpoint must share with this run to be resumed: parameters (less run length and
-    logging), the training data, the model and training code, the process layout and the precision."""
-    flat = {k: v for k, v in config.flat().items() if k.split(".")[0] in ("data", "model", "train") and k not in NOT_HASHED}
-    package = Path(__file__).resolve().parents[1]
-    inputs = [prepared / "train.csv", package / "compute.py", *sorted((package / "model").glob("*.py")), *sorted((package / "training").glob("*.py"))]
-    digests = {str(path.relative_to(path.parents[1])): hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs}
-    return stable_hash({"params": flat, "files": digests, "world_size": world_size, "dtype": str(dtype)})
-
-
-class GlobalBatchSampler(Sampler[int]):
-    """A per-epoch shuffle cut into global batches of `world * batch_size`; each rank takes its contiguous slice.
-
-    The same seed and epoch give the same global batches for any number of processes,
-    and an epoch can start at any batch (resuming mid-epoch). The last partial global
-    batch is dropped, so every step has a full batch of negatives.
-    """
-
-    def __init__(self, size: int, batch_size: int, ctx: DistContext, seed: int, accumulation: int = 1):
-        self.size, self.batch_size, self.ctx, self.seed = size, batch_size, ctx, seed
-        self.global_batch = batch_size * ctx.world_size
-        # Whole accumulation windows only, so that an epoch ends on an optimiser step.
-        self.batches_per_epoch = size // self.global_batch // accumulation * accumulation
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        offset = self.ctx.rank * self.batch_size
-        for batch in range(self.start_batch, self.batches_per_epoch):
-            start = batch * self.global_batch + offset
-            yield from order[start : start + self.batch_size]
-
-
-class Collate:
-    """Stack images, tokenize captions, keep image positions as the caption groups."""
-
-    def __init__(self, tokenize: CaptionTokenizer):
-        self.tokenize = tokenize
-
-    def __call__(self, items: list[tuple[Tensor, str, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        images, captions, positions = zip(*items)
-        input_ids, attention_mask = self.tokenize(list(captions))
-        return torch.stack(images), input_ids, attention_mask, torch.tensor(positions)
-
-
-def contrastive_loss(model: AVSE, img: Tensor, cap: Tensor, groups: Tensor, ctx: DistContext, config: Config, epoch: int) -> Tensor:
-    """This rank's share of the objective, scaled so that summing over ranks and averaging gradients is exact.
-
-    img `[b, V * E]`, cap `[b, E]`, groups `[b]` (image ids) are the local batch. The
-    similarity is computed on the gathered global batch `[B, B]`; this rank's queries are
-    its own images (rows) and its own captions (columns).
-    """
-    train = config.train
-    all_img = gather_with_grad(img.float(), ctx)  # [B, V * E]
-    all_cap = gather_with_grad(cap.float(), ctx)  # [B, E]
-    all_groups = _gather_ints(groups, ctx) if ctx.distributed else groups  # [B]
-    b = img.size(0)
-    local = slice(ctx.rank * b, (ctx.rank + 1) * b)
-    positive = torch.arange(b, device=img.device) + ctx.rank * b  # [b]
-    sims = model.similarity(all_img, all_cap)  # [B, B]
-    i2t, t2i = sims[local], sims[:, local].T  # [b, B] each
-    if train.loss == "hinge":
-        hardest = epoch >= train.warmup_epochs
-        local_loss = hinge_triplet_loss(i2t, positive, groups, all_groups, train.margin, hardest=hardest) + hinge_triplet_loss(
-            t2i, positive, groups, all_groups, train.margin, hardest=hardest
-        )
-        share = local_loss * ctx.world_size  # a sum over queries: the ranks' parts add up to it
-    else:
-        # Mean cosine over text blocks, so the temperature means what it means in CLIP.
-        scale, blocks = model.scaled_logit_scale(), model.text_blocks
-        share = (infonce_loss(i2t / blocks, positive, groups, all_groups, scale) + infonce_loss(t2i / blocks, positive, groups, all_groups, scale)) / 2
-    views = model.image_encoder.views
-    if views > 1 and train.decorrelation_weight > 0:
-        per_view = all_img.view(all_img.size(0), views, -1)  # [B, V, E]
-        share = share + train.decorrelation_weight * multi_view_decorrelation(per_view)
-    return share
-
-
-def _gather_ints(x: Tensor, ctx: DistContext) -> Tensor:
-    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
+    @property
+    def recent_loss(self) -> float:
+        return float(np.mean(self.recent_losses)) if self.recent_losses else float("nan")
 
 
 def forward_backward(
@@ -201,27 +110,6 @@ def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer
     return recall_metrics(sims.cpu())
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def run_tags(config: Config) -> dict[str, str]:
-    """Tags the MLflow UI groups and filters runs by."""
-    return {
-        "dataset": config.data.dataset,
-        "backbone": config.model.vision.name,
-        "text_backbone": config.model.text.name,
-        "resolution": str(config.data.img_res),
-        "views": str(config.model.views),
-        "matching": config.model.matching,
-        "git_commit": git_commit(),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-    }
-
-
 def train(config: Config, out_dir: Path) -> TrainState:
     retain_freed_memory()
     ctx = init_distributed()
@@ -255,6 +143,9 @@ def train(config: Config, out_dir: Path) -> TrainState:
         total_steps = min(total_steps, train_cfg.max_steps)
 
     # Model and optimiser
+    if train_cfg.deterministic:
+        make_deterministic(ctx.device)
+    seed_draws(train_cfg.seed, Draw.INIT)  # every rank starts from the same weights
     model = build_model(config, len(tokenize.tokenizer)).to(ctx.device)
     optimizer = build_optimizer(model, train_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -329,7 +220,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         barrier(ctx)
 
     bar = progress(total=total_steps, initial=state.step, desc="train", unit="step", disable=not ctx.is_main)
-    started, pairs_done, data_wait, losses, window_finite = time.perf_counter(), 0, 0.0, [], True
+    started, pairs_done, data_wait, window_finite = time.perf_counter(), 0, 0.0, True
 
     def run_loop() -> None:
         nonlocal pairs_done, data_wait, window_finite
@@ -341,7 +232,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
             for batch in loader:
                 data_wait += time.perf_counter() - wait_start
                 # Randomness (views, token drop, dropout) is a function of (seed, rank, batch), so a resumed run repeats it.
-                torch.manual_seed(hash((train_cfg.seed, ctx.rank, state.epoch, state.batch_in_epoch)) % 2**63)
+                seed_draws(train_cfg.seed, Draw.BATCH, ctx.rank, state.epoch, state.batch_in_epoch)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * lr_factor(state.step, steps_per_epoch, total_steps, train_cfg)
                 sync = (state.batch_in_epoch + 1) % train_cfg.grad_accum == 0
@@ -350,7 +241,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
                 state.batch_in_epoch += 1
                 window_finite = window_finite and finite
                 if finite:
-                    losses.append(objective)
+                    state.recent_losses = [*state.recent_losses, objective][-train_cfg.log_every:]
                 if sync:
                     if window_finite and optimizer_step(model, optimizer, scaler, train_cfg.grad_clip):
                         state.bad_in_a_row = 0
@@ -373,11 +264,9 @@ def train(config: Config, out_dir: Path) -> TrainState:
                     now = time.perf_counter()
                     state.train_seconds += now - last_tick
                     last_tick, elapsed = now, now - started
-                    if losses:
-                        state.recent_loss = float(np.mean(losses[-train_cfg.log_every:]))
                     bar.update(1)
                     bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}", refresh=False)
-                    if state.step % train_cfg.log_every == 0 and losses:
+                    if state.step % train_cfg.log_every == 0 and state.recent_losses:
                         tracker.log_metrics({
                             "loss": state.recent_loss, "lr": optimizer.param_groups[-1]["lr"],
                             "pairs_per_s": pairs_done / elapsed, "data_wait_fraction": data_wait / elapsed,
@@ -407,18 +296,21 @@ def train(config: Config, out_dir: Path) -> TrainState:
     if ctx.is_main:
         summary = {
             "steps": state.step, "epochs": state.epoch, "best_dev_rsum": state.best_rsum, "best_epoch": state.best_epoch,
-            "train_seconds": round(state.train_seconds, 1),
-            "pairs_per_s": round(state.pairs_seen / state.train_seconds, 1) if state.train_seconds else 0.0,
-            "data_wait_fraction": round(data_wait / (time.perf_counter() - started), 4),
             "final_loss": None if math.isnan(state.recent_loss) else round(state.recent_loss, 5),
             "skipped_steps": state.skipped_steps,
         }
+        speed = {
+            "train_seconds": round(state.train_seconds, 1),
+            "pairs_per_s": round(state.pairs_seen / state.train_seconds, 1) if state.train_seconds else 0.0,
+            "data_wait_fraction": round(data_wait / (time.perf_counter() - started), 4),
+        }
         write_json(TRAIN_METRICS, summary)
-        tracker.log_metrics({"train_seconds": summary["train_seconds"], "best_dev_rsum": state.best_rsum}, state.step)
+        write_json(SPEED_METRICS, speed)
+        tracker.log_metrics({"train_seconds": speed["train_seconds"], "best_dev_rsum": state.best_rsum}, state.step)
         tracker.log_artifact(best_path, "checkpoints")
         tracker.finish()
         write_run_record()
-        log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, summary["pairs_per_s"])
+        log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, speed["pairs_per_s"])
     shutdown(ctx)
     return state
 

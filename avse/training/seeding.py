@@ -1,0 +1,65 @@
+"""Where a run's randomness comes from, and the switches that make its arithmetic repeat exactly.
+
+Every random draw of training (initial weights, views, token drop, dropout) comes from
+a seed derived from `train.seed` and the draw's position: what it is for, and for
+per-batch draws the rank, epoch and batch. The same run, resumed or not, with the
+loader in the main process or in workers, therefore draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import numpy as np
+import torch
+
+# cuBLAS reuses workspaces across streams unless given a fixed one; with it, GEMMs repeat bitwise.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+class Draw(enum.IntEnum):
+    """What a derived seed is for: part of the seed, so that two purposes never share a stream."""
+
+    INIT = 0  # the model's initial weights
+    BATCH = 1  # the random parts of one training batch's forward pass
+    SHUFFLE = 2  # the order of an epoch's training captions
+
+
+def derive_seed(seed: int, purpose: Draw, *position: int) -> int:
+    """A 63-bit seed for `purpose` at `position`, the same on every machine, process and Python version
+    (unlike `hash()`), and unrelated for neighbouring positions (unlike `seed + position`)."""
+    if seed < 0 or any(p < 0 for p in position):
+        raise ValueError(f"seeds and positions are non-negative integers, got seed {seed}, position {position}")
+    state = np.random.SeedSequence([seed, int(purpose), *position]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) | (int(state[1]) >> 1)
+
+
+def seed_draws(seed: int, purpose: Draw, *position: int) -> None:
+    """Seed torch's global generators (CPU and every GPU) for the draws at `position`.
+
+    The global generators, not a private one, because HF backbones draw dropout from them.
+    """
+    torch.manual_seed(derive_seed(seed, purpose, *position))
+
+
+def make_deterministic(device: torch.device) -> None:
+    """Kernels that repeat bitwise for the same inputs, thread count and device model.
+
+    On a CPU PyTorch's kernels already do; turning on `use_deterministic_algorithms` there
+    is a guard that stops the run if an op without a deterministic kernel is ever added.
+    On CUDA it also selects deterministic kernels (scatter, index_add, embedding backward),
+    needs cuBLAS's fixed workspace (set here if the user has not, before any CUDA work),
+    and attention takes SDPA's math path, since the fused kernels' backward may add
+    partial gradients in varying order. Bits repeat on the same GPU model, driver and
+    library versions; other GPU models choose other kernels.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    # On CUDA an op with no deterministic kernel warns rather than stopping a long GPU run.
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
