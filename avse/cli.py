@@ -89,7 +89,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from avse.analysis.compare import comparison_table, load_runs, write_comparison
+    from avse.analysis.compare import comparison_table, load_runs, seed_summary, summary_for_reading, write_comparison
     from avse.tracking import store_uri
 
     tracking = _config(args).tracking
@@ -98,7 +98,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         raise AvseError(f"no runs in experiment {tracking.experiment!r} at {tracking.uri} match the filters")
     for path in write_comparison(table, Path(args.out)):
         print(f"wrote {path}")
-    print(table[["run_name", "dataset", "backbone", "resolution", "views", "block_dim", "matching", "rsum"]].to_string(index=False))
+    shown = summary_for_reading(seed_summary(table))
+    print(shown[["experiment", "differs", "dataset", "backbone", "resolution", "n", "seeds", "i2t_r1", "t2i_r1", "rsum"]].to_string(index=False))
 
 
 def _cmd_tracking_sync(args: argparse.Namespace) -> None:
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", help="write the query and the results as one picture (PNG)")
     sub.set_defaults(run=_cmd_search)
 
-    sub = commands.add_parser("compare", help="one row per MLflow run: metrics/comparison.{csv,md,png}")
+    sub = commands.add_parser("compare", help="one row per experiment (runs that differ only in train.seed), mean ± sd over seeds: "
+                                  "metrics/comparison.{csv,md,png}; every run: metrics/comparison_runs.csv")
     _add_config_options(sub)
     sub.add_argument("--dataset", help="only runs tagged with this dataset")
     sub.add_argument("--since", help="only runs started on or after this date (YYYY-MM-DD)")

@@ -5,7 +5,7 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from avse.analysis.compare import COLUMNS, comparison_table, load_runs, write_comparison
+from avse.analysis.compare import COLUMNS, SUMMARY_COLUMNS, comparison_table, load_runs, seed_summary, summary_for_reading, write_comparison
 from avse.errors import AvseError
 
 
@@ -46,11 +46,58 @@ def test_one_correct_row_per_run(store, tmp_path):
     # An interrupted run is listed, and says so.
     assert rows.loc[baseline, "status"] == "KILLED" and rows.loc[avse, "status"] == "FINISHED"
     assert pd.isna(rows.loc[baseline, "train_seconds"]) and pd.isna(rows.loc[baseline, "dvc_experiment"])
+    # The two runs differ in every setting they logged, so each is its own experiment.
+    assert rows.loc[avse, "differs"] == "data.img_res=224 model.block_dim=256 model.views=2"
+    assert rows.loc[avse, "experiment"] != rows.loc[baseline, "experiment"]
+
+
+def log_seeds(client, experiment_id, params, rsums, **other):
+    for seed, rsum in enumerate(rsums):
+        log_run(client, experiment_id, f"seed{seed}", params | {"train.seed": seed} | other,
+                {"dataset": "synthetic", "backbone": "vit-tiny"}, {"test_1k_rsum": rsum, "test_1k_i2t_r1": rsum / 10, "pairs_per_s": 100.0 + seed})
+
+
+def test_runs_that_differ_only_in_the_seed_are_one_experiment_with_mean_and_sd(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("avse", artifact_location=str(tmp_path / "artifacts"))
+    avse = {"model.views": 2, "model.block_dim": 64, "train.lr": 0.001}
+    log_seeds(client, experiment_id, avse, [30.0, 33.0, 36.0])
+    # How a run is observed or tracked does not make it another experiment ...
+    log_run(client, experiment_id, "observed", avse | {"train.seed": 3, "train.log_every": 5, "data.num_workers": 0, "tracking.experiment": "x"},
+            {"dataset": "synthetic"}, {"test_1k_rsum": 39.0, "test_1k_i2t_r1": 3.9})
+    # ... but any other parameter does, the learning rate as much as the views.
+    log_seeds(client, experiment_id, avse | {"model.views": 1, "model.block_dim": 256}, [20.0, 24.0])
+    log_seeds(client, experiment_id, avse | {"train.lr": 0.002}, [50.0])
+    summary = seed_summary(comparison_table(load_runs(uri, "avse")))
+    assert list(summary.columns) == SUMMARY_COLUMNS and len(summary) == 3
+    rows = summary.set_index("differs")
+    two_views = rows.loc["model.block_dim=64 model.views=2 train.lr=0.001"]
+    assert (two_views["n"], two_views["seeds"]) == (4, "0,1,2,3")
+    assert two_views["rsum_mean"] == pytest.approx(34.5) and two_views["rsum_sd"] == pytest.approx(3.872983, rel=1e-6)
+    assert two_views["i2t_r1_mean"] == pytest.approx(3.45) and two_views["pairs_per_s"] == pytest.approx(101.0)
+    one_view = rows.loc["model.block_dim=256 model.views=1 train.lr=0.001"]
+    assert (one_view["n"], one_view["rsum_mean"], one_view["rsum_sd"]) == (2, 22.0, pytest.approx(2.828427, rel=1e-6))
+    single = rows.loc["model.block_dim=64 model.views=2 train.lr=0.002"]
+    assert single["n"] == 1 and single["rsum_mean"] == 50.0 and pd.isna(single["rsum_sd"])
+    assert summary_for_reading(summary).set_index("differs")["rsum"].to_dict() == {
+        "model.block_dim=64 model.views=2 train.lr=0.001": "34.5 ± 3.9",
+        "model.block_dim=256 model.views=1 train.lr=0.001": "22.0 ± 2.8",
+        "model.block_dim=64 model.views=2 train.lr=0.002": "50.0",
+    }
+
+
+def test_written_comparison_has_one_row_per_experiment_and_every_run(store, tmp_path):
+    uri, _, _ = store
+    table = comparison_table(load_runs(uri, "avse"))
     paths = write_comparison(table, tmp_path / "out")
-    assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "comparison.png"]
-    assert pd.read_csv(paths[0]).shape == (2, len(COLUMNS))
+    assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "comparison.png", "comparison_runs.csv"]
+    assert pd.read_csv(paths[0]).shape == (2, len(SUMMARY_COLUMNS))
+    assert pd.read_csv(paths[3]).shape == (2, len(COLUMNS))
     markdown = paths[1].read_text().splitlines()
-    assert markdown[0].startswith("| run_name | status | dataset | backbone |") and len(markdown) == 4
+    assert markdown[0].startswith("| experiment | differs | dataset | backbone |") and len(markdown) == 4
+    # One run: the mean alone, no sd.
+    assert markdown[3].endswith("| 224 | 2 | 256 | max | 25 | 1k | 1 |  | 70.1 |  |  | 52.3 |  |  | 480.5 | 410.0 |")
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 

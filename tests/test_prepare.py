@@ -13,7 +13,7 @@ from PIL import Image
 from avse import cli
 from avse.data.formats import read_caption_splits, read_karpathy, read_lines, write_caption_splits
 from avse.data.prepare import MAX_LISTED_PROBLEMS, prepare
-from avse.data.tokenizer import load_tokenizer, train_wordpiece
+from avse.data.tokenizer import SPECIAL_TOKENS, learn_wordpiece_vocab, load_tokenizer, train_wordpiece
 from avse.errors import DataError
 
 from conftest import REPO, make_config, run
@@ -308,6 +308,28 @@ def test_wordpiece_tokenizer_round_trip(tmp_path):
     ids = tokenizer("a red circle")["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a red circle"
     assert tokenizer.unk_token_id not in ids
+
+
+def test_wordpiece_vocabulary_merges_the_most_frequent_pairs_alphabetical_on_ties():
+    # Sennrich et al.'s example, with BERT's marks for pieces inside a word.
+    vocab = learn_wordpiece_vocab({"low": 5, "lower": 2, "newest": 6, "widest": 3}, vocab_size=40)
+    assert vocab == [*SPECIAL_TOKENS, "##e", "##w", "##s", "##t", "##o", "l", "n", "##d", "##i", "w", "##r",
+                     "##es", "##est", "##ow", "low", "##ew", "##ewest", "newest", "##dest", "##idest", "widest", "##er", "lower"]
+    # The vocabulary size stops the merges; pairs seen once are never merged.
+    assert learn_wordpiece_vocab({"low": 5, "lower": 2, "newest": 6, "widest": 3}, vocab_size=18)[-2:] == ["##es", "##est"]
+    assert learn_wordpiece_vocab({"ab": 1, "cd": 1}, vocab_size=40) == [*SPECIAL_TOKENS, "##b", "##d", "a", "c"]
+
+
+def test_the_same_captions_give_the_same_tokenizer_in_every_process(tmp_path, f30k_fixtures):
+    script = ("import sys; from pathlib import Path; from avse.data.tokenizer import train_wordpiece; "
+              "captions = Path(sys.argv[1]).read_text().splitlines(); train_wordpiece(captions, Path(sys.argv[2]), vocab_size=1000)")
+    for hash_seed in ("1", "2"):
+        run([sys.executable, "-c", script, str(f30k_fixtures / "test_caps.txt"), str(tmp_path / hash_seed)], cwd=REPO,
+            env={"PYTHONHASHSEED": hash_seed})
+    first, second = ((tmp_path / seed / "tokenizer.json").read_bytes() for seed in ("1", "2"))
+    assert first == second
+    tokenizer = load_tokenizer(tmp_path / "1")
+    assert len(tokenizer) == 1000 and tokenizer.tokenize("A man in an orange hat") == ["a", "man", "in", "an", "orange", "hat"]
 
 
 def test_prepare_trains_a_tokenizer_on_train_captions(tmp_path):

@@ -1,4 +1,5 @@
-"""Compare tracked runs: one row per MLflow run with its settings, test R@K, time and throughput."""
+"""Compare tracked runs: one row per MLflow run with its settings, test R@K, time and throughput, and one
+row per experiment, the runs that differ only in `train.seed`, with the mean, sd and n of each metric."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from avse.config import OBSERVATION_KEYS, stable_hash
 from avse.errors import AvseError
 from avse.io import atomic_path
 
@@ -14,7 +16,13 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 # Evaluation protocols in order of preference when a run has several (COCO has two).
 PROTOCOLS = ("1k", "5fold1k", "5k")
 COLUMNS = ["run_id", "run_name", "start_time", "status", "dataset", "backbone", "resolution", "views", "block_dim", "matching",
-           "epochs", "protocol", *METRICS, "train_seconds", "pairs_per_s", "dvc_experiment"]
+           "epochs", "seed", "protocol", *METRICS, "train_seconds", "pairs_per_s", "dvc_experiment", "experiment", "differs"]
+SETTING_COLUMNS = ["experiment", "differs", "dataset", "backbone", "resolution", "views", "block_dim", "matching", "epochs", "protocol"]
+SUMMARY_COLUMNS = [*SETTING_COLUMNS, "n", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "sd")), "pairs_per_s"]
+SEED = "train.seed"
+# Parameters that do not make two runs different experiments: the seed (what repeats vary), how a run
+# is observed, and where it is tracked.
+NOT_AN_EXPERIMENT_SETTING = {SEED, *OBSERVATION_KEYS}
 
 
 def load_runs(tracking_uri: str, experiment: str, dataset: str | None = None, since: str | None = None) -> pd.DataFrame:
@@ -53,6 +61,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
             "block_dim": _number(run.get("params.model.block_dim")),
             "matching": run.get("params.model.matching"),
             "epochs": _number(run.get("params.train.epochs")),
+            "seed": _number(run.get(f"params.{SEED}")),
             "protocol": protocol,
             "train_seconds": run.get("metrics.train_seconds"),
             "pairs_per_s": run.get("metrics.pairs_per_s"),
@@ -61,7 +70,45 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
         row.update({name: run.get(f"{prefix}{name}") if prefix else None for name in METRICS})
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
+    settings = experiment_settings(runs)
+    table["experiment"] = [stable_hash(setting)[:8] for setting in settings]
+    table["differs"] = differing_settings(settings)
     return table.sort_values("start_time", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def experiment_settings(runs: pd.DataFrame) -> list[dict[str, str]]:
+    """Each run's parameters that make it the experiment it is: all but `NOT_AN_EXPERIMENT_SETTING`
+    and the tracking section (parameters a run did not log are left out)."""
+    names = [c.removeprefix("params.") for c in runs.columns if c.startswith("params.")]
+    kept = [n for n in names if n not in NOT_AN_EXPERIMENT_SETTING and not n.startswith("tracking.")]
+    return [{n: run[f"params.{n}"] for n in sorted(kept) if pd.notna(run[f"params.{n}"])} for _, run in runs.iterrows()]
+
+
+def differing_settings(settings: list[dict[str, str]]) -> list[str]:
+    """For each run, `key=value` of the settings on which the runs' experiments disagree (empty when they all agree)."""
+    keys = sorted({k for s in settings for k in s})
+    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+    return [" ".join(f"{k}={s[k]}" for k in varying if k in s) for s in settings]
+
+
+def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per experiment of a :func:`comparison_table` (runs that differ only in the seed): its settings,
+    `n` (evaluated runs), their `seeds`, and the mean and sample sd (n - 1; none for one run) of each metric.
+
+    Rows come in the table's order of each experiment's newest run.
+    """
+    rows = []
+    for _, runs in table.groupby("experiment", sort=False):
+        evaluated = runs.dropna(subset=["rsum"])
+        row = runs.iloc[0][SETTING_COLUMNS].to_dict()
+        row["n"] = len(evaluated)
+        row["seeds"] = ",".join(str(int(s)) for s in sorted(evaluated["seed"].dropna()))
+        for metric in METRICS:
+            values = evaluated[metric].astype(float)
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = values.mean(), values.std(ddof=1)
+        row["pairs_per_s"] = evaluated["pairs_per_s"].astype(float).mean()
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def _preferred_protocol(run: pd.Series) -> tuple[str | None, str | None]:
@@ -82,17 +129,35 @@ def _number(value):
 
 
 def write_comparison(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """`comparison.csv`, `comparison.md` and `comparison.png` (rsum by backbone and resolution)."""
+    """`comparison.csv`, `comparison.md` and `comparison.png` (rsum of each experiment, mean and sd over
+    its seeds), and `comparison_runs.csv` (every run)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png"]
+    summary = seed_summary(table)
+    paths = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png", out_dir / "comparison_runs.csv"]
     with atomic_path(paths[0]) as tmp:
-        table.to_csv(tmp, index=False)
-    shown = table.drop(columns=["run_id", "start_time"]).round(2)
+        summary.to_csv(tmp, index=False)
     with atomic_path(paths[1]) as tmp:
-        tmp.write_text(_markdown(shown) + "\n", encoding="utf-8")
+        tmp.write_text(_markdown(summary_for_reading(summary)) + "\n", encoding="utf-8")
     with atomic_path(paths[2]) as tmp:
-        _plot_rsum(table, tmp)
+        _plot_rsum(summary, tmp)
+    with atomic_path(paths[3]) as tmp:
+        table.to_csv(tmp, index=False)
     return paths
+
+
+def summary_for_reading(summary: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`seed_summary` with each metric as `mean ± sd` (one decimal; the mean alone for one run)."""
+    shown = summary[[*SETTING_COLUMNS, "n", "seeds"]].copy()
+    for metric in METRICS:
+        shown[metric] = [_mean_sd(m, s) for m, s in zip(summary[f"{metric}_mean"], summary[f"{metric}_sd"])]
+    shown["pairs_per_s"] = summary["pairs_per_s"].round(0)
+    return shown
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.1f}" if pd.isna(sd) else f"{mean:.1f} ± {sd:.1f}"
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -102,19 +167,27 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def _plot_rsum(table: pd.DataFrame, path: Path) -> None:
+def _plot_rsum(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = table.dropna(subset=["rsum"])
-    labels = [f"{b.split('/')[-1]}\n{int(r) if pd.notna(r) else '?'}px" for b, r in zip(scored["backbone"], scored["resolution"])]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(scored) + 1), 3.5))
-    ax.bar(range(len(scored)), scored["rsum"], color="tab:blue")
-    ax.set_xticks(range(len(scored)), labels, fontsize=8)
-    ax.set(ylabel="rsum", title="rsum by backbone and resolution")
+    scored = summary.dropna(subset=["rsum_mean"])
+    labels = [f"{experiment_label(row)}\n(n={row.n})" for row in scored.itertuples()]
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(scored) + 1), 3.8))
+    ax.bar(range(len(scored)), scored["rsum_mean"], yerr=scored["rsum_sd"].fillna(0), capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(scored)), labels, fontsize=7)
+    ax.set(ylabel="rsum (mean ± sd over seeds)", title="rsum by experiment")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+def experiment_label(row) -> str:
+    """What tells an experiment apart: its differing settings, one per line, else its backbone and resolution."""
+    if row.differs:
+        return "\n".join(row.differs.split(" "))
+    resolution = f"{int(row.resolution)}px" if pd.notna(row.resolution) else "?px"
+    return f"{str(row.backbone).split('/')[-1]} {resolution}"

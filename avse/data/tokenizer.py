@@ -2,26 +2,104 @@
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable
 
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 from avse.errors import DataError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PREFIX = "##"  # marks a piece that continues a word
 
 
-def train_wordpiece(captions: Iterable[str], folder: Path, vocab_size: int) -> PreTrainedTokenizerBase:
-    """Train a lowercase WordPiece vocabulary (BERT's scheme) and save it loadable by `from_pretrained`."""
+def train_wordpiece(captions: Iterable[str], folder: Path, vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerBase:
+    """Learn a lowercase WordPiece vocabulary (BERT's scheme) from `captions` and save it loadable by `from_pretrained`.
+
+    The same captions always give the same vocabulary, ids included: `tokenizers`' own
+    trainer breaks frequency ties in hash-map order, which differs from process to process.
+    """
     from tokenizers import BertWordPieceTokenizer
 
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tokenizer = BertTokenizerFast(tokenizer_object=trainer._tokenizer)
+    splitter = BertWordPieceTokenizer(lowercase=True)
+    words: Counter[str] = Counter()
+    for caption in captions:
+        words.update(word for word, _ in splitter.pre_tokenizer.pre_tokenize_str(splitter.normalizer.normalize_str(caption)))
+    vocab = learn_wordpiece_vocab(words, vocab_size, min_frequency)
+    tokenizer = BertTokenizerFast(tokenizer_object=BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)._tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def learn_wordpiece_vocab(words: Mapping[str, int], vocab_size: int, min_frequency: int = 2) -> list[str]:
+    """The WordPiece vocabulary of word counts `words`, learnt as BPE merges: `[special tokens, alphabet, merges]`.
+
+    Each word starts as its characters, all but the first marked `##` (inside a word). The
+    most frequent adjacent pair seen at least `min_frequency` times is merged into one piece,
+    until the vocabulary holds `vocab_size` tokens (the alphabet is always kept whole).
+    Ties go to the alphabetically first token or pair, so the result depends only on the counts.
+    """
+    splits = {word: [word[0], *(PREFIX + c for c in word[1:])] for word in sorted(words) if word}
+    alphabet: Counter[str] = Counter()
+    for word, pieces in splits.items():
+        for piece in pieces:
+            alphabet[piece] += words[word]
+    vocab = [*SPECIAL_TOKENS, *sorted(alphabet, key=lambda piece: (-alphabet[piece], piece))]
+    known = set(vocab)
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    containing: dict[tuple[str, str], dict[str, None]] = defaultdict(dict)  # pair -> the words it occurs in (ordered)
+    for word, pieces in splits.items():
+        for pair in zip(pieces, pieces[1:]):
+            pair_counts[pair] += words[word]
+            containing[pair][word] = None
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        negative, pair = heapq.heappop(heap)
+        if -negative != pair_counts[pair]:  # a stale entry: the pair's count has changed since it was pushed
+            if pair_counts[pair] >= min_frequency:
+                heapq.heappush(heap, (-pair_counts[pair], pair))
+            continue
+        if -negative < min_frequency:
+            break
+        left, right = pair
+        merged = left + right.removeprefix(PREFIX)
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+        changed: set[tuple[str, str]] = set()
+        for word in containing.pop(pair):
+            old = splits[word]
+            new = _merge_pair(old, pair, merged)
+            if new == old:
+                continue
+            for gone in zip(old, old[1:]):
+                pair_counts[gone] -= words[word]
+                changed.add(gone)
+            for added in zip(new, new[1:]):
+                pair_counts[added] += words[word]
+                containing[added][word] = None
+                changed.add(added)
+            splits[word] = new
+        for other in sorted(changed - {pair}):
+            if pair_counts[other] >= min_frequency:
+                heapq.heappush(heap, (-pair_counts[other], other))
+    return vocab
+
+
+def _merge_pair(pieces: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    out, i = [], 0
+    while i < len(pieces):
+        if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(pieces[i])
+            i += 1
+    return out
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:

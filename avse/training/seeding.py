@@ -9,9 +9,10 @@ loader in the main process or in workers, therefore draws the same numbers.
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
+import struct
 
-import numpy as np
 import torch
 
 # cuBLAS reuses workspaces across streams unless given a fixed one; with it, GEMMs repeat bitwise.
@@ -28,11 +29,15 @@ class Draw(enum.IntEnum):
 
 def derive_seed(seed: int, purpose: Draw, *position: int) -> int:
     """A 63-bit seed for `purpose` at `position`, the same on every machine, process and Python version
-    (unlike `hash()`), and unrelated for neighbouring positions (unlike `seed + position`)."""
+    (unlike `hash()`), and unrelated for neighbouring positions (unlike `seed + position`).
+
+    A hash of the numbers as fixed-width words, so distinct inputs never share a seed by construction
+    (NumPy's SeedSequence, for one, pads with zeros: `[1, 0]` and `[1]` give the same stream).
+    """
     if seed < 0 or any(p < 0 for p in position):
         raise ValueError(f"seeds and positions are non-negative integers, got seed {seed}, position {position}")
-    state = np.random.SeedSequence([seed, int(purpose), *position]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) | (int(state[1]) >> 1)
+    words = struct.pack(f"<{2 + len(position)}Q", seed, int(purpose), *position)
+    return int.from_bytes(hashlib.sha256(words).digest()[:8], "little") >> 1
 
 
 def seed_draws(seed: int, purpose: Draw, *position: int) -> None:
