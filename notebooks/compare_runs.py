@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,7 +25,7 @@
 # %matplotlib inline
 from IPython.display import display
 
-from avse.analysis import runs as tracked
+from avse.analysis import compare, runs as tracked
 from avse.analysis.project import find_project, project_config
 
 PROJECT = find_project()
@@ -27,6 +33,20 @@ config = project_config(PROJECT)
 DATASET = None  # e.g. "f30k" to compare the runs of one dataset only
 table = tracked.project_runs(PROJECT, config, DATASET)
 table
+
+# %% [markdown]
+# ## Experiments over seeds
+#
+# Runs that differ only in `train.seed` (and in how they were observed: logging and checkpoint
+# intervals, loader workers) are repeats of one experiment: one row each, with the number of
+# evaluated runs, their seeds, and the mean and standard deviation of every metric. A
+# difference between two experiments smaller than their spread is no difference. Queue seeds
+# with `dvc exp run --queue -S 'train.seed=0,1,2'`.
+
+# %%
+summary = compare.seed_summary(table)
+display(compare.summary_for_reading(summary))
+compare.seed_summary_figure(summary)
 
 # %% [markdown]
 # ## Backbones, resolutions and ablations

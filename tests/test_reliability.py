@@ -52,7 +52,7 @@ def history(client, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
-def test_train_stage_killed_mid_epoch_resumes_under_dvc_repro(project):
+def test_train_stage_killed_mid_epoch_resumes_under_dvc_repro_and_ends_as_an_uninterrupted_run(prepared, project, tmp_path):
     # Small batches make a long epoch and sparse checkpoints leave time between them, so that the kill
     # lands past a checkpoint and well before the end however fast the machine.
     set_params(project, {"train": {"ckpt_every_steps": 10, "log_every": 1, "batch_size": 4}})
@@ -95,7 +95,16 @@ def test_train_stage_killed_mid_epoch_resumes_under_dvc_repro(project):
     # The steps lost in the crash were trained again, identically.
     for step in range(resumed_from + 1, killed_at + 1):
         before, again = [loss for s, loss in losses if s == step]
-        assert again == pytest.approx(before, rel=1e-5)
+        assert again == before
+    # And the run ends where an uninterrupted one ends, to the bit.
+    uninterrupted = Path(shutil.copytree(prepared, tmp_path / "uninterrupted", symlinks=True))
+    set_params(uninterrupted, {"train": {"ckpt_every_steps": 10, "log_every": 1, "batch_size": 4}, "tracking": {"enabled": False}})
+    run([sys.executable, "-m", "stages.train"], cwd=uninterrupted, env=ONE_THREAD)
+    resumed, whole = (load_checkpoint(root / "models" / "last.pt") for root in (project, uninterrupted))
+    assert resumed["model"].keys() == whole["model"].keys()
+    assert all(torch.equal(resumed["model"][name], tensor) for name, tensor in whole["model"].items())
+    assert resumed["state"]["recent_losses"] == whole["state"]["recent_losses"]
+    assert (project / "metrics" / "train.json").read_bytes() == (uninterrupted / "metrics" / "train.json").read_bytes()
 
 
 def test_a_dying_rank_restarts_the_job_from_the_last_checkpoint(project):

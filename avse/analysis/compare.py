@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from avse.config import OBSERVATION_KEYS, stable_hash
 from avse.errors import AvseError
@@ -139,7 +140,7 @@ def write_comparison(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     with atomic_path(paths[1]) as tmp:
         tmp.write_text(_markdown(summary_for_reading(summary)) + "\n", encoding="utf-8")
     with atomic_path(paths[2]) as tmp:
-        _plot_rsum(summary, tmp)
+        seed_summary_figure(summary).savefig(tmp, dpi=120, format="png")
     with atomic_path(paths[3]) as tmp:
         table.to_csv(tmp, index=False)
     return paths
@@ -167,22 +168,17 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def _plot_rsum(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scored = summary.dropna(subset=["rsum_mean"])
+def seed_summary_figure(summary: pd.DataFrame, metric: str = "rsum") -> Figure:
+    """Bars of one metric of a :func:`seed_summary`: the mean over each experiment's seeds, sd as error bars."""
+    scored = summary.dropna(subset=[f"{metric}_mean"])
     labels = [f"{experiment_label(row)}\n(n={row.n})" for row in scored.itertuples()]
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(scored) + 1), 3.8))
-    ax.bar(range(len(scored)), scored["rsum_mean"], yerr=scored["rsum_sd"].fillna(0), capsize=4, color="tab:blue")
+    figure = Figure(figsize=(max(4, 1.6 * len(scored) + 1), 3.8), layout="constrained")
+    ax = figure.subplots()
+    ax.bar(range(len(scored)), scored[f"{metric}_mean"], yerr=scored[f"{metric}_sd"].fillna(0), capsize=4, color="tab:blue")
     ax.set_xticks(range(len(scored)), labels, fontsize=7)
-    ax.set(ylabel="rsum (mean ± sd over seeds)", title="rsum by experiment")
+    ax.set(ylabel=f"{metric} (mean ± sd over seeds)", title=f"{metric} by experiment")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    return figure
 
 
 def experiment_label(row) -> str:
