@@ -26,3 +26,9 @@ def test_training_step_benchmark_reports_a_ratio_against_the_official_style_step
     out = run_benchmark("benchmarks/training_step.py", "--tiny", "--steps", "1")
     assert re.search(r"official-style step \(fp32, eager\) +[\d.]+ s +[\d.]+ pairs/s", out), out
     assert re.search(r"ratio +[\d.]+x", out), out
+
+
+def test_determinism_benchmark_reports_the_cost_of_deterministic_kernels():
+    out = run_benchmark("benchmarks/determinism.py", "--rounds", "1", "--steps", "1", "-S", "train.batch_size=8")
+    assert re.search(r"PyTorch defaults +[\d.]+ s/step +[\d.]+ pairs/s", out), out
+    assert re.search(r"train.deterministic: true +[\d.]+ s/step", out) and re.search(r"cost \(deterministic / default\) +[\d.]+x", out), out

@@ -17,6 +17,7 @@ from avse.model.avse import build_model
 from avse.training.distributed import DistContext, init_distributed
 from avse.training.loop import forward_backward, optimizer_step
 from avse.training.optim import build_optimizer
+from avse.training.seeding import set_deterministic
 
 
 def random_batch(config: Config, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -37,6 +38,7 @@ def dry_run(config: Config, steps: int) -> dict[str, float]:
     retain_freed_memory()  # as the train stage does
     ctx: DistContext = init_distributed()
     dtype = resolve_precision(config.train.precision, ctx.device)
+    set_deterministic(config.train.deterministic, ctx.device)  # timed as training runs
     vocab_size = config.data.vocab_size
     model = build_model(config, vocab_size).to(ctx.device).train()
     if config.model.text.init == "pretrained":

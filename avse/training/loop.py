@@ -39,7 +39,7 @@ from avse.training.checkpoint import load_checkpoint, save_checkpoint, training_
 from avse.training.distributed import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
 from avse.training.objective import contrastive_loss
 from avse.training.optim import build_optimizer, lr_factor
-from avse.training.seeding import Draw, make_deterministic, seed_draws
+from avse.training.seeding import Draw, seed_draws, set_deterministic
 
 log = logging.getLogger("avse.train")
 
@@ -143,8 +143,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         total_steps = min(total_steps, train_cfg.max_steps)
 
     # Model and optimiser
-    if train_cfg.deterministic:
-        make_deterministic(ctx.device)
+    set_deterministic(train_cfg.deterministic, ctx.device)
     seed_draws(train_cfg.seed, Draw.INIT)  # every rank starts from the same weights
     model = build_model(config, len(tokenize.tokenizer)).to(ctx.device)
     optimizer = build_optimizer(model, train_cfg)

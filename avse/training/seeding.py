@@ -48,23 +48,23 @@ def seed_draws(seed: int, purpose: Draw, *position: int) -> None:
     torch.manual_seed(derive_seed(seed, purpose, *position))
 
 
-def make_deterministic(device: torch.device) -> None:
-    """Kernels that repeat bitwise for the same inputs, thread count and device model.
+def set_deterministic(enabled: bool, device: torch.device) -> None:
+    """`enabled`: kernels that repeat bitwise for the same inputs, thread count and device model
+    (`train.deterministic`); otherwise PyTorch's defaults.
 
-    On a CPU PyTorch's kernels already do; turning on `use_deterministic_algorithms` there
-    is a guard that stops the run if an op without a deterministic kernel is ever added.
-    On CUDA it also selects deterministic kernels (scatter, index_add, embedding backward),
-    needs cuBLAS's fixed workspace (set here if the user has not, before any CUDA work),
-    and attention takes SDPA's math path, since the fused kernels' backward may add
-    partial gradients in varying order. Bits repeat on the same GPU model, driver and
-    library versions; other GPU models choose other kernels.
+    On a CPU PyTorch's kernels already repeat; `use_deterministic_algorithms` there is a
+    guard that stops the run if an op without a deterministic kernel is ever added. On CUDA
+    it also selects deterministic kernels (scatter, index_add, embedding backward), needs
+    cuBLAS's fixed workspace (set here if the user has not, before any CUDA work), and
+    attention takes SDPA's math path, since the fused kernels' backward may add partial
+    gradients in varying order. Bits repeat on the same GPU model, driver and library
+    versions; other GPU models choose other kernels.
     """
     if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        if enabled:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.backends.cudnn.deterministic = enabled
+        for enable_fused in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp, torch.backends.cuda.enable_cudnn_sdp):
+            enable_fused(not enabled)
     # On CUDA an op with no deterministic kernel warns rather than stopping a long GPU run.
-    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.use_deterministic_algorithms(enabled, warn_only=device.type == "cuda")
