@@ -68,7 +68,14 @@ def _cmd_search(args: argparse.Namespace) -> None:
     config = _config(args)
     split_name = args.split or config.embed.split
     split = PreparedSplit.load(prepared_dir(config), split_name)
-    index = search.SearchIndex.load(MODELS, EMBEDDINGS / split_name, split)
+    if args.model:
+        from avse.serving import load_model
+        from avse.tracking import store_uri
+
+        os.environ.setdefault("MLFLOW_TRACKING_URI", store_uri(config.tracking.uri))
+        index = search.SearchIndex.embed(load_model(args.model), split, config.embed.batch_size)
+    else:
+        index = search.SearchIndex.load(MODELS, EMBEDDINGS / split_name, split)
     if args.query is not None:
         hits = index.text_to_images(args.query, args.k)
         print(f'top {len(hits)} {split_name} images for "{args.query}":')
@@ -100,6 +107,17 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     shown = summary_for_reading(seed_summary(table))
     print(shown[["experiment", "differs", "dataset", "backbone", "resolution", "n", "seeds", "i2t_r1", "t2i_r1", "rsum"]].to_string(index=False))
+
+
+def _cmd_register(args: argparse.Namespace) -> None:
+    from avse.registry import register_champions
+    from avse.tracking import store_uri
+
+    tracking = _config(args).tracking
+    for champion in register_champions(store_uri(tracking.uri), tracking.experiment, args.alias, args.dataset):
+        state = "registered" if champion.new else "unchanged"
+        print(f"{state:<11} models:/{champion.name}@{champion.alias} = version {champion.version} "
+              f"(run {champion.run_id}, test rsum {champion.rsum:.1f})")
 
 
 def _cmd_tracking_sync(args: argparse.Namespace) -> None:
@@ -165,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-k", type=int, default=5, help="results to return (default: %(default)s)")
     sub.add_argument("--split", help="embedded split to search (default: embed.split)")
     sub.add_argument("--out", help="write the query and the results as one picture (PNG)")
+    sub.add_argument("--model", help="search with an MLflow model instead of models/best.pt, e.g. models:/<name>@champion "
+                                     "(embeds the split with it; the store is tracking.uri)")
     sub.set_defaults(run=_cmd_search)
+
+    sub = commands.add_parser("register", help="register the best run per dataset, backbone and resolution in the Model Registry")
+    _add_config_options(sub)
+    sub.add_argument("--alias", default="champion", help="alias pointed at each best model (default: %(default)s)")
+    sub.add_argument("--dataset", help="only runs tagged with this dataset")
+    sub.set_defaults(run=_cmd_register)
 
     sub = commands.add_parser("compare", help="one row per experiment (runs that differ only in train.seed), mean ± sd over seeds: "
                                   "metrics/comparison.{csv,md,png}; every run: metrics/comparison_runs.csv")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from avse.config import Config, TrackingConfig
+from avse.config import TrackingConfig
 from avse.errors import AvseError
+from avse.run_info import SplitInput
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,40 @@ class Tracker:
             self._guard("start system metrics", self._system.start)
         return self.run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, model_id: str | None = None, dataset: SplitInput | None = None) -> None:
+        """Queue and send `metrics` at `step`; `model_id` links them to a logged model (its page shows them),
+        `dataset` to the split they were measured on."""
         if not self.active:
             return
-        self._pending.append({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step, "timestamp": int(time.time() * 1000)})
+        record: dict[str, Any] = {"metrics": {k: float(v) for k, v in metrics.items()}, "step": step, "timestamp": int(time.time() * 1000)}
+        if model_id:
+            record["model_id"] = model_id
+        if dataset is not None:
+            record["dataset_name"], record["dataset_digest"] = dataset.name, dataset.digest
+        self._pending.append(record)
         self._flush()
+
+    def log_model(self, models_dir: Path, metadata: dict[str, Any]) -> str | None:
+        """Log `models_dir/best.pt` with its tokenizer as the run's MLflow model; returns its model id."""
+        if not self.active or self.run_id is None:
+            return None
+        from avse import serving
+
+        found: list[str] = []
+
+        def log() -> None:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            found.append(serving.log_model(self.run_id, models_dir, metadata))
+
+        self._guard("log the model", log)
+        return found[0] if found else None
+
+    def log_inputs(self, inputs: Sequence[SplitInput]) -> None:
+        """The datasets the run read, each with its context (`training`, `evaluation`) and counts."""
+        if self.active and self.run_id is not None:
+            self._guard("log the datasets", lambda: self._client.log_inputs(self.run_id, datasets=[dataset_input(i) for i in inputs]))
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.active and self.run_id is not None:
@@ -190,10 +219,13 @@ def open_run_in(client, experiment: str, uri: str, run_id: str | None, run_name:
 
 
 def send_metrics(client, run_id: str, records: list[dict[str, Any]]) -> None:
-    """Log metric records (`{"metrics": {...}, "step": s, "timestamp": ms}`) in batches of 1000."""
+    """Log metric records (`{"metrics": {...}, "step": s, "timestamp": ms}`, optionally with `model_id`,
+    `dataset_name` and `dataset_digest`) in batches of 1000."""
     from mlflow.entities import Metric
 
-    metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in records for k, v in r["metrics"].items()]
+    metrics = [Metric(k, v, r["timestamp"], r["step"], model_id=r.get("model_id"), dataset_name=r.get("dataset_name"),
+                      dataset_digest=r.get("dataset_digest"))
+               for r in records for k, v in r["metrics"].items()]
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
@@ -240,22 +272,15 @@ def sync_unsent(path: Path = UNSENT_FILE) -> int:
     return sent
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+def dataset_input(split: SplitInput):
+    """A prepared split as an MLflow dataset input: its name, the digest of its index, the index as
+    source, and its rows (captions) as the profile, with the image and caption counts as tags."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-
-def run_tags(config: Config) -> dict[str, str]:
-    """Tags the MLflow UI groups and filters runs by."""
-    return {
-        "dataset": config.data.dataset,
-        "backbone": config.model.vision.name,
-        "text_backbone": config.model.text.name,
-        "resolution": str(config.data.img_res),
-        "views": str(config.model.views),
-        "matching": config.model.matching,
-        "git_commit": git_commit(),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-    }
+    index = pd.read_csv(split.index, keep_default_na=False)
+    dataset = mlflow.data.from_pandas(index, source=str(split.index.resolve()), name=split.name, digest=split.digest)
+    tags = {MLFLOW_DATASET_CONTEXT: split.context, "images": str(split.images), "captions": str(split.captions)}
+    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[InputTag(k, v) for k, v in tags.items()])

@@ -179,7 +179,8 @@ def test_a_failed_sync_keeps_exactly_what_was_not_sent(tmp_path):
 
 
 def test_a_pipeline_run_logged_to_a_server_reads_back_over_rest(server, project):
-    set_params(project, TINY | {"tracking": {"uri": server.uri, "experiment": "avse"}})
+    # fp32 everywhere, so that the pipeline's embeddings and the served model's are the same numbers.
+    set_params(project, TINY | {"train": TINY["train"] | {"precision": "fp32"}, "tracking": {"uri": server.uri, "experiment": "avse"}})
     run(["dvc", "repro"], cwd=project)
     experiment = server.get("experiments/get-by-name?experiment_name=avse")["experiment"]["experiment_id"]
     (found,) = server.post("runs/search", {"experiment_ids": [experiment]})["runs"]
@@ -193,6 +194,45 @@ def test_a_pipeline_run_logged_to_a_server_reads_back_over_rest(server, project)
     assert history(server, run_id, "test_1k_rsum") == [(0, pytest.approx(evaluated, abs=1e-3))]
     artifacts = server.get(f"artifacts/list?run_id={run_id}&path=checkpoints")["files"]
     assert [(a["path"], a["file_size"] > 0) for a in artifacts] == [("checkpoints/best.pt", True)]
+    # What the runs table shows: name, source, datasets, model.
+    assert found["info"]["run_name"] == "synthetic-vit-tiny"
+    tags = {t["key"]: t["value"] for t in found["data"]["tags"]}
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("stages/train.py", "LOCAL")
+    assert tags["dvc_data_md5"].endswith(".dir")
+    inputs = [(d["dataset"]["name"], {t["key"]: t["value"] for t in d["tags"]}) for d in found["inputs"]["dataset_inputs"]]
+    assert inputs == [
+        ("synthetic-train", {"mlflow.data.context": "training", "images": "40", "captions": "200"}),
+        ("synthetic-dev", {"mlflow.data.context": "evaluation", "images": "10", "captions": "50"}),
+        ("synthetic-test", {"mlflow.data.context": "evaluation", "images": "10", "captions": "50"}),
+    ]
+    model_id = json.loads((project / "models" / "run.json").read_text())["model_id"]
+    assert [output["model_id"] for output in found["outputs"]["model_outputs"]] == [model_id]
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(server.uri).get_logged_model(model_id)
+    linked = {(m.key, m.dataset_name) for m in logged.metrics}
+    assert {("test_1k_rsum", "synthetic-test"), ("best_dev_rsum", "synthetic-dev")} <= linked
+
+    # The best run registered, then loaded in a fresh process: it ranks an image's captions as `avse search` does.
+    registered = run(["python", "-m", "avse.cli", "register"], cwd=project).stdout
+    assert registered == f"registered  models:/avse-synthetic-vit-tiny-32@champion = version 1 (run {run_id}, test rsum {evaluated:.1f})\n"
+    assert run(["python", "-m", "avse.cli", "register"], cwd=project).stdout.startswith("unchanged   models:/avse-synthetic-vit-tiny-32@champion = version 1")
+    image = next((project / "data" / "synthetic-images").glob("test_*.jpg"))
+    ranking = ("import sys, mlflow, pandas, torch; model = mlflow.pyfunc.load_model(sys.argv[1]); "
+               "captions = pandas.read_csv('data/prepared/synthetic/test.csv', keep_default_na=False)['caption'].tolist(); "
+               "cap = model.predict(pandas.DataFrame({'caption': captions})); img = model.predict(pandas.DataFrame({'image': [open(sys.argv[2], 'rb').read()]})); "
+               "scores = model.unwrap_python_model().similarity(torch.tensor(img['embedding'].tolist()), torch.tensor(cap['embedding'].tolist()))[0]; "
+               "top = scores.topk(5); print('\\n'.join(f'{s:.4f} {captions[j]}' for s, j in zip(top.values.tolist(), top.indices.tolist())))")
+    served = run([sys.executable, "-c", ranking, "models:/avse-synthetic-vit-tiny-32@champion", str(image)], cwd=project,
+                 env={"MLFLOW_TRACKING_URI": server.uri}).stdout.splitlines()
+    for command in (["search", "--image", str(image), "-k", "5"],
+                    ["search", "--model", "models:/avse-synthetic-vit-tiny-32@champion", "--image", str(image), "-k", "5"]):
+        searched = run(["python", "-m", "avse.cli", *command], cwd=project).stdout.splitlines()[1:]
+        assert len(searched) == len(served) == 5
+        for line, expected in zip(searched, served):
+            rank, score, caption = line.split(maxsplit=2)
+            assert float(score) == pytest.approx(float(expected.split()[0]), abs=2e-4)
+        assert sorted(line.split(maxsplit=2)[2] for line in searched) == sorted(e.split(maxsplit=1)[1] for e in served)
 
 
 def test_metrics_a_queued_experiment_could_not_send_are_kept_in_the_project_not_in_its_temporary_copy(tmp_path, monkeypatch):

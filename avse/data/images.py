@@ -27,16 +27,21 @@ def load_rgb(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: image file not found") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read image file ({err.strerror})") from None
+    return decode_rgb(data, str(path))
+
+
+def decode_rgb(data: np.ndarray, name: str) -> np.ndarray:
+    """The encoded image bytes `data` (uint8 `[n]`) as `[H, W, 3]` uint8 RGB; `name` says where they came from in errors."""
     if data.size == 0:
-        raise DataError(f"{path}: image file is empty")
+        raise DataError(f"{name}: image file is empty")
     if data[:3].tobytes() == b"\xff\xd8\xff" and not _has_jpeg_end(data):
-        raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+        raise DataError(f"{name}: truncated JPEG (no end-of-image marker)")
     header = _header_size(data)
     if header is not None and header[0] * header[1] > MAX_PIXELS:
-        raise DataError(f"{path}: image is {header[1]}x{header[0]} pixels, over the limit of {MAX_PIXELS} pixels")
+        raise DataError(f"{name}: image is {header[1]}x{header[0]} pixels, over the limit of {MAX_PIXELS} pixels")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
-        raise DataError(f"{path}: not a decodable image")
+        raise DataError(f"{name}: not a decodable image")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

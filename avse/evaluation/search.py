@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from avse.data.dataset import PreparedSplit, to_tensor
 from avse.data.images import load_rgb, resize_square
 from avse.data.tokenizer import CaptionTokenizer
-from avse.evaluation.embed import encode_captions, load_trained
+from avse.evaluation.embed import encode_captions, encode_images, load_trained
 from avse.evaluation.evaluate import Embeddings
 from avse.model.avse import AVSE
+
+if TYPE_CHECKING:
+    from avse.serving import EmbeddingModel
 
 
 @dataclass
@@ -31,6 +35,15 @@ class SearchIndex:
     def load(cls, models_dir: Path, embeddings_dir: Path, split: PreparedSplit) -> "SearchIndex":
         model, trained, tokenize, _ = load_trained(models_dir)
         return cls(model, trained.data.img_res, tokenize, Embeddings.load(embeddings_dir), split)
+
+    @classmethod
+    def embed(cls, model: "EmbeddingModel", split: PreparedSplit, batch_size: int) -> "SearchIndex":
+        """An index of `split` embedded with a loaded MLflow model (`avse.serving`), as the embed stage would."""
+        cpu = torch.device("cpu")
+        images = encode_images(model.model, split, model.img_res, batch_size, cpu, progress=True)
+        captions = encode_captions(model.model, split.captions, model.tokenize, batch_size, cpu, progress=True)
+        embeddings = Embeddings(images, torch.from_numpy(split.image_ids), captions, torch.from_numpy(split.caption_image), {})
+        return cls(model.model, model.img_res, model.tokenize, embeddings, split)
 
     def text_to_images(self, query: str, k: int) -> list[Hit]:
         """The `k` images scoring highest against the caption `query`."""

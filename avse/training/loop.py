@@ -33,9 +33,11 @@ from avse.evaluation.recall import recall_metrics
 from avse.io import atomic_path, write_json
 from avse.model.avse import AVSE, build_model
 from avse.progress import progress
-from avse.tracking import Tracker, run_tags
+from avse.run_info import run_name, run_tags, split_inputs
+from avse.tracking import Tracker
 from avse.training.batches import Collate, GlobalBatchSampler
 from avse.training.checkpoint import load_checkpoint, save_checkpoint, training_hash
+from avse.training.curve import CURVE_CSV, TrainingCurve
 from avse.training.distributed import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
 from avse.training.objective import contrastive_loss
 from avse.training.optim import build_optimizer, lr_factor
@@ -110,6 +112,14 @@ def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer
     return recall_metrics(sims.cpu())
 
 
+def model_metadata(config: Config, state: TrainState) -> dict:
+    """What a user of the logged model needs to score with it, and where it came from."""
+    model = config.model
+    return {"dataset": config.data.dataset, "backbone": model.vision.name, "text_backbone": model.text.name,
+            "img_res": config.data.img_res, "views": model.views, "embed_size": model.embed_size, "block_dim": model.block_dim,
+            "matching": model.matching, "best_dev_rsum": state.best_rsum, "best_epoch": state.best_epoch}
+
+
 def train(config: Config, out_dir: Path) -> TrainState:
     retain_freed_memory()
     ctx = init_distributed()
@@ -173,13 +183,17 @@ def train(config: Config, out_dir: Path) -> TrainState:
             log.warning("%s was written with other parameters, data, code or process layout; starting afresh", last_path)
 
     ddp_model = DistributedDataParallel(model) if ctx.distributed else model
+    curve = TrainingCurve.resume(CURVE_CSV, state.step)
     tracker = Tracker(config.tracking, active=ctx.is_main)
-    run_name = f"{config.data.dataset}-{config.model.vision.name.split('/')[-1]}"
-    run_id = tracker.start(run_id, run_name=run_name, params=config.flat(), tags=run_tags(config), system_metrics=True) or run_id
+    resumed_run = run_id is not None
+    run_id = tracker.start(run_id, run_name=run_name(config), params=config.flat(), tags=run_tags(config), system_metrics=True) or run_id
+    if not resumed_run:
+        tracker.log_inputs(split_inputs(config, prepared))
 
-    def write_run_record() -> None:
-        # The store may open the run only later (it was unreachable at the start): the evaluate stage reports into this id.
-        write_json(out_dir / "run.json", {"run_id": tracker.run_id or run_id, "config_hash": config_hash,
+    def write_run_record(model_id: str | None = None) -> None:
+        # The store may open the run only later (it was unreachable at the start): the evaluate stage reports into this id,
+        # linking the test metrics to the logged model.
+        write_json(out_dir / "run.json", {"run_id": tracker.run_id or run_id, "model_id": model_id, "config_hash": config_hash,
                                           "tracking_uri": config.tracking.uri, "experiment": config.tracking.experiment})
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +211,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         if state.bad_in_a_row and not final:
             return
         if ctx.is_main:
+            curve.write()
             save_checkpoint(last_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "state": asdict(state), "config_hash": config_hash, "run_id": tracker.run_id or run_id or "",
@@ -208,6 +223,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         if ctx.is_main:
             metrics = evaluate_split(model, dev_split, tokenize, config, ctx.device, dtype)
             tracker.log_metrics({f"dev_{k}": v for k, v in metrics.items()} | {"epoch": state.epoch}, state.step)
+            curve.add(state.step, state.epoch, dev_rsum=metrics["rsum"])
             log.info("epoch %d step %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f)", state.epoch, state.step, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"])
             if metrics["rsum"] > state.best_rsum:
                 state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
@@ -266,10 +282,9 @@ def train(config: Config, out_dir: Path) -> TrainState:
                     bar.update(1)
                     bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}", refresh=False)
                     if state.step % train_cfg.log_every == 0 and state.recent_losses:
-                        tracker.log_metrics({
-                            "loss": state.recent_loss, "lr": optimizer.param_groups[-1]["lr"],
-                            "pairs_per_s": pairs_done / elapsed, "data_wait_fraction": data_wait / elapsed,
-                        }, state.step)
+                        logged = {"loss": state.recent_loss, "lr": optimizer.param_groups[-1]["lr"], "pairs_per_s": pairs_done / elapsed}
+                        tracker.log_metrics(logged | {"data_wait_fraction": data_wait / elapsed}, state.step)
+                        curve.add(state.step, state.epoch, **logged)
                     if train_cfg.ckpt_every_steps and state.step % train_cfg.ckpt_every_steps == 0:
                         save_last()
                     if state.step >= total_steps:
@@ -305,10 +320,15 @@ def train(config: Config, out_dir: Path) -> TrainState:
         }
         write_json(TRAIN_METRICS, summary)
         write_json(SPEED_METRICS, speed)
-        tracker.log_metrics({"train_seconds": speed["train_seconds"], "best_dev_rsum": state.best_rsum}, state.step)
+        curve.write()
+        curve.render(title=run_name(config))
         tracker.log_artifact(best_path, "checkpoints")
+        model_id = tracker.log_model(out_dir, model_metadata(config, state))
+        dev = next((split for split in split_inputs(config, prepared) if split.name.endswith("-dev")), None)
+        tracker.log_metrics({"train_seconds": speed["train_seconds"]}, state.step)
+        tracker.log_metrics({"best_dev_rsum": state.best_rsum}, state.step, model_id=model_id, dataset=dev)
         tracker.finish()
-        write_run_record()
+        write_run_record(model_id)
         log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, speed["pairs_per_s"])
     shutdown(ctx)
     return state

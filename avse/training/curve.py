@@ -1,0 +1,70 @@
+"""The training curve as a DVC plot: one row per logged step (loss, learning rate, pairs/s) and per dev evaluation
+(dev rsum), in `metrics/train_curve.csv`, rendered to `metrics/train_curve.png` without a browser.
+
+A resumed run keeps the rows up to the step it resumes from and appends the rest, so the
+file always describes one run from step 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from avse.io import atomic_path, write_text
+
+CURVE_CSV = Path("metrics/train_curve.csv")
+CURVE_PNG = Path("metrics/train_curve.png")
+COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "dev_rsum")
+
+
+class TrainingCurve:
+    def __init__(self, rows: list[dict[str, float]] | None = None):
+        self.rows = rows or []
+
+    @classmethod
+    def resume(cls, path: Path, step: int) -> "TrainingCurve":
+        """The rows of `path` up to `step` (none when the file is absent or `step` is 0)."""
+        if step == 0 or not path.exists():
+            return cls()
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return cls([row for row in rows if row.get("step", math.inf) <= step])
+
+    def add(self, step: int, epoch: int, **values: float) -> None:
+        self.rows.append({"step": step, "epoch": epoch, **values})
+
+    def write(self, csv_path: Path = CURVE_CSV) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _number(row.get(k)) for k in COLUMNS} for row in self.rows)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(csv_path, buffer.getvalue())
+
+    def render(self, png_path: Path = CURVE_PNG, title: str = "training") -> None:
+        """Loss and learning rate against the step, and dev rsum after each epoch, side by side."""
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(10, 3.4), layout="constrained")
+        loss_ax, dev_ax = figure.subplots(1, 2)
+        logged = [row for row in self.rows if "loss" in row]
+        loss_ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], color="tab:blue", label="loss")
+        loss_ax.set(xlabel="step", ylabel="loss", title=f"{title}: loss")
+        lr_ax = loss_ax.twinx()
+        lr_ax.plot([r["step"] for r in logged], [r["lr"] for r in logged], color="tab:orange", alpha=0.6, label="lr")
+        lr_ax.set_ylabel("learning rate")
+        evaluated = [row for row in self.rows if "dev_rsum" in row]
+        dev_ax.plot([r["step"] for r in evaluated], [r["dev_rsum"] for r in evaluated], marker="o", color="tab:green")
+        dev_ax.set(xlabel="step", ylabel="dev rsum", title=f"{title}: dev rsum")
+        for ax in (loss_ax, dev_ax):
+            ax.grid(alpha=0.3)
+        with atomic_path(png_path) as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f"{value:.6g}"
