@@ -2,6 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
+# `make ui UI_PORT=5001` for another port; UI_STORE for another store.
+UI_PORT ?= 5000
+UI_STORE ?= sqlite:///mlflow.db
 
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -29,7 +32,7 @@ compare: install
 	avse compare
 
 ui: install
-	mlflow ui --backend-store-uri sqlite:///mlflow.db
+	mlflow ui --backend-store-uri $(UI_STORE) --host 127.0.0.1 --port $(UI_PORT)
 
 clean:
 	rm -rf data/synthetic data/synthetic-images data/prepared models embeddings outputs

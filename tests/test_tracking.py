@@ -1,13 +1,8 @@
 """Tracking against a real `mlflow server` on 127.0.0.1, including the server going away mid-run."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,62 +10,18 @@ import pytest
 from avse import tracking
 from avse.config import TrackingConfig
 from avse.tracking import Tracker, sync_unsent
-from conftest import TINY, run, set_params
+from conftest import REPO, TINY, Server, free_port, run, set_params
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` in its own process group, so stopping it stops its workers too."""
-
-    def __init__(self, root: Path, port: int):
-        self.root, self.port, self.process = root, port, None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        mlflow = Path(sys.executable).parent / "mlflow"
-        self.process = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--default-artifact-root", str(self.root / "artifacts")],
-            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-
-    def post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/{path}", timeout=10) as response:
-            return json.load(response)
+def mlflow_server(root: Path, port: int) -> list[str]:
+    return [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")]
 
 
 @pytest.fixture
 def server(tmp_path):
-    server = Server(tmp_path, free_port())
+    port = free_port()
+    server = Server(mlflow_server(tmp_path, port), port)
     server.start()
     yield server
     server.stop()
@@ -247,3 +198,24 @@ def test_metrics_a_queued_experiment_could_not_send_are_kept_in_the_project_not_
     assert not (copy / "metrics").exists()
     kept = [json.loads(line) for line in (project / "metrics" / "untracked.jsonl").read_text().splitlines()]
     assert [record.get("step") for record in kept] == [None, 1]  # the run record, then the metrics
+
+
+def test_make_ui_shows_a_pipeline_runs_name_datasets_source_and_model(project):
+    environment = Path(sys.prefix)
+    if not (environment / ".installed").exists():
+        pytest.skip("`make ui` runs in the environment that `make install` sets up")
+    set_params(project, TINY)
+    run(["dvc", "repro"], cwd=project)
+    port = free_port()
+    ui = Server(["make", "-C", str(REPO), "ui", f"VENV={environment}", f"UI_PORT={port}", f"UI_STORE=sqlite:///{project / 'mlflow.db'}"], port)
+    ui.start()
+    try:
+        run_id = json.loads((project / "models" / "run.json").read_text())["run_id"]
+        shown = ui.get(f"runs/get?run_id={run_id}")["run"]
+    finally:
+        ui.stop()
+    assert shown["info"]["run_name"] == "synthetic-vit-tiny"
+    assert [d["dataset"]["name"] for d in shown["inputs"]["dataset_inputs"]] == ["synthetic-train", "synthetic-dev", "synthetic-test"]
+    tags = {t["key"]: t["value"] for t in shown["data"]["tags"]}
+    assert tags["mlflow.source.name"] == "stages/train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert [o["model_id"] for o in shown["outputs"]["model_outputs"]] == [json.loads((project / "models" / "run.json").read_text())["model_id"]]
