@@ -185,10 +185,11 @@ def train(config: Config, out_dir: Path) -> TrainState:
     ddp_model = DistributedDataParallel(model) if ctx.distributed else model
     curve = TrainingCurve.resume(CURVE_CSV, state.step)
     tracker = Tracker(config.tracking, active=ctx.is_main)
+    inputs = split_inputs(config, prepared) if ctx.is_main else []  # the datasets the run reads, for the tracker
     resumed_run = run_id is not None
     run_id = tracker.start(run_id, run_name=run_name(config), params=config.flat(), tags=run_tags(config), system_metrics=True) or run_id
     if not resumed_run:
-        tracker.log_inputs(split_inputs(config, prepared))
+        tracker.log_inputs(inputs)
 
     def write_run_record(model_id: str | None = None) -> None:
         # The store may open the run only later (it was unreachable at the start): the evaluate stage reports into this id,
@@ -324,7 +325,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         curve.render(title=run_name(config))
         tracker.log_artifact(best_path, "checkpoints")
         model_id = tracker.log_model(out_dir, model_metadata(config, state))
-        dev = next((split for split in split_inputs(config, prepared) if split.name.endswith("-dev")), None)
+        dev = next((split for split in inputs if split.name == f"{config.data.dataset}-dev"), None)
         tracker.log_metrics({"train_seconds": speed["train_seconds"]}, state.step)
         tracker.log_metrics({"best_dev_rsum": state.best_rsum}, state.step, model_id=model_id, dataset=dev)
         tracker.finish()
