@@ -74,7 +74,13 @@ def test_interrupted_training_resumes_from_its_checkpoint(project):
     assert "resuming from models/last.pt at step 5" in third.stderr
     assert (project / "models" / "best.pt").exists()
     summary = json.loads((project / "metrics" / "train.json").read_text())
-    assert summary["steps"] == 5 and summary["pairs_per_s"] > 0 and summary["final_loss"] is not None
+    assert summary["steps"] == 5 and summary["final_loss"] is not None
+    assert json.loads((project / "metrics" / "train_speed.json").read_text())["pairs_per_s"] > 0
+    # The training curve holds each logged step once, across the three sessions.
+    curve = (project / "metrics" / "train_curve.csv").read_text().splitlines()
+    assert curve[0] == "step,epoch,loss,lr,pairs_per_s,dev_rsum"
+    rows = [line.split(",") for line in curve[1:]]
+    assert [int(row[0]) for row in rows if row[2]] == [2, 4] and [int(row[0]) for row in rows if row[5]] == [2, 5]
 
 
 def test_bad_params_stop_the_stage_with_one_line(project):

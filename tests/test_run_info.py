@@ -68,6 +68,9 @@ def test_training_curve_resumes_at_the_checkpoint_step_and_renders(tmp_path):
     resumed = TrainingCurve.resume(tmp_path / "curve.csv", step=4)
     assert [row["step"] for row in resumed.rows] == [2, 4] and resumed.rows[1] == {"step": 4, "epoch": 0, "loss": 0.25, "lr": 0.001, "pairs_per_s": 100}
     assert TrainingCurve.resume(tmp_path / "curve.csv", step=0).rows == []
+    resumed.add(4, 0, dev_rsum=20.0)
+    resumed.add(4, 1, dev_rsum=21.0)  # evaluated again after a resume: one row
+    assert [row for row in resumed.rows if "dev_rsum" in row] == [{"step": 4, "epoch": 1, "dev_rsum": 21.0}]
     curve.render(tmp_path / "curve.png", title="run")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 

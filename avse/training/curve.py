@@ -33,6 +33,8 @@ class TrainingCurve:
         return cls([row for row in rows if row.get("step", math.inf) <= step])
 
     def add(self, step: int, epoch: int, **values: float) -> None:
+        """A row at `step`; it replaces a row of the same step and kind (a dev evaluation repeated after a resume)."""
+        self.rows = [row for row in self.rows if not (row["step"] == step and row.keys() - {"step", "epoch"} == values.keys())]
         self.rows.append({"step": step, "epoch": epoch, **values})
 
     def write(self, csv_path: Path = CURVE_CSV) -> None:
