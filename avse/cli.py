@@ -72,8 +72,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         from avse.serving import load_model
         from avse.tracking import store_uri
 
-        os.environ.setdefault("MLFLOW_TRACKING_URI", store_uri(config.tracking.uri))
-        index = search.SearchIndex.embed(load_model(args.model), split, config.embed.batch_size)
+        index = search.SearchIndex.embed(load_model(args.model, store_uri(config.tracking.uri)), split, config.embed.batch_size)
     else:
         index = search.SearchIndex.load(MODELS, EMBEDDINGS / split_name, split)
     if args.query is not None:

@@ -113,11 +113,14 @@ def log_model(run_id: str, models_dir: Path, metadata: dict[str, Any]) -> str:
     return info.model_id
 
 
-def load_model(uri: str) -> EmbeddingModel:
-    """The `EmbeddingModel` behind a model URI (`models:/<name>@<alias>`, `runs:/<id>/model`, `models:/<model id>`)."""
+def load_model(uri: str, tracking_uri: str) -> EmbeddingModel:
+    """The `EmbeddingModel` behind a model URI (`models:/<name>@<alias>`, `runs:/<id>/model`, `models:/<model id>`)
+    in the store and registry at `tracking_uri`."""
     try:
         import mlflow.pyfunc
 
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
         loaded = mlflow.pyfunc.load_model(uri)
     except Exception as err:  # MlflowException, OSError: a missing model, an unreachable store
         raise AvseError(f"--model: cannot load {uri} ({str(err).splitlines()[0][:200]})") from None

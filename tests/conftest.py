@@ -90,6 +90,7 @@ def mlflow_runs(project: Path) -> list:
 def command_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """This interpreter's environment, with its scripts (dvc, torchrun) on PATH and `cwd` importable."""
     env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)  # set by MLflow calls made in the test process; commands choose their own store
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(cwd)
     return env | (extra or {})
