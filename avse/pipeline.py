@@ -110,7 +110,7 @@ def evaluate(config: Config) -> None:
     from avse.data.prepare import prepared_dir
     from avse.evaluation import evaluate as ev
     from avse.io import write_json
-    from avse.run_info import split_inputs
+    from avse.run_info import split_input
     from avse.tracking import Tracker
 
     split_name = config.embed.split
@@ -132,7 +132,7 @@ def evaluate(config: Config) -> None:
     run = json.loads((MODELS / "run.json").read_text()) if (MODELS / "run.json").exists() else {}
     tracker = Tracker(config.tracking)
     if run.get("run_id") and tracker.start(run["run_id"], run_name="", params={}, tags={}):
-        evaluated = next((i for i in split_inputs(config, prepared_dir(config)) if i.name == f"{config.data.dataset}-{split_name}"), None)
+        evaluated = split_input(config, prepared_dir(config), split_name, "evaluation")
         tracker.log_metrics({f"{split_name}_{protocol}_{k}": v for protocol, m in results.items() for k, v in m.items()}, step=0,
                             model_id=run.get("model_id"), dataset=evaluated)
         for artifact in (EVAL_METRICS, RECALL_PLOT, RECALL_CURVE):

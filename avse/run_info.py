@@ -103,21 +103,19 @@ def run_name(config: Config, reference: dict[str, Any] | None = None, experiment
 
 
 def split_inputs(config: Config, prepared: Path) -> list[SplitInput]:
-    """The training split and the evaluation splits (dev, and `embed.split`) of a prepared dataset."""
+    """The training split and the evaluation splits (dev, and `embed.split`) of a prepared dataset, those that exist."""
+    splits = {"train": "training", "dev": "evaluation", config.embed.split: "evaluation"}
+    return [split_input(config, prepared, split, context) for split, context in splits.items() if (prepared / f"{split}.csv").exists()]
+
+
+def split_input(config: Config, prepared: Path, split: str, context: str) -> SplitInput:
+    """One prepared split as a run input, read in `context` (`training` or `evaluation`)."""
     stats_path = prepared / "stats.json"
     try:
-        stats = json.loads(stats_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise AvseError(f"{stats_path}: cannot read the prepared statistics ({err}); run the prepare stage") from None
-    splits = {"train": "training", "dev": "evaluation", config.embed.split: "evaluation"}
-    inputs = []
-    for split, context in splits.items():
-        index = prepared / f"{split}.csv"
-        if not index.exists():
-            continue
-        inputs.append(SplitInput(
-            name=f"{config.data.dataset}-{split}", context=context, index=index,
-            digest=hashlib.sha256(index.read_bytes()).hexdigest()[:16],
-            images=int(stats[split]["images"]), captions=int(stats[split]["captions"]),
-        ))
-    return inputs
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))[split]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise AvseError(f"{stats_path}: cannot read the prepared statistics of {split!r} ({err}); run the prepare stage") from None
+    index = prepared / f"{split}.csv"
+    return SplitInput(name=f"{config.data.dataset}-{split}", context=context, index=index,
+                      digest=hashlib.sha256(index.read_bytes()).hexdigest()[:16],
+                      images=int(stats["images"]), captions=int(stats["captions"]))
