@@ -141,8 +141,9 @@ def test_non_finite_gradients_are_not_applied():
 @pytest.mark.parametrize("loss", ["infonce", "hinge"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, loss):
     worker = str(REPO / "tests" / "ddp_worker.py")
-    run([sys.executable, worker, str(tmp_path / "one.pt"), loss], cwd=REPO)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(tmp_path / "two.pt"), loss], cwd=REPO)
+    run([sys.executable, worker, str(tmp_path / "one.pt"), loss], cwd=REPO, timeout=180)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run([*torchrun, worker, str(tmp_path / "two.pt"), loss], cwd=REPO, timeout=180)  # a step takes seconds: longer is a hang
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["objective"] == pytest.approx(one["objective"], rel=1e-5)
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 20

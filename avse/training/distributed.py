@@ -61,11 +61,22 @@ def init_distributed() -> DistContext:
     return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def gather_with_grad(x: Tensor, ctx: DistContext) -> Tensor:
-    """`[b, ...]` on each rank -> `[world * b, ...]`, rank order; gradients flow back to every rank's part."""
+def gather_batch(x: Tensor, ctx: DistContext) -> Tensor:
+    """`[b, ...]` on each rank -> `[world * b, ...]` in rank order; gradients flow only to this rank's part.
+
+    Every rank then computes the same objective on the whole batch, and each rank back-propagates
+    through the part it encoded. That part carries `world_size` times its gradient, because DDP
+    averages the ranks' gradients; parameters used after the gather (the temperature) get their
+    whole gradient on every rank, which the average leaves as it is. No collective runs inside the
+    backward pass, where it would interleave with DDP's own gradient all-reduce.
+    """
     if not ctx.distributed:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()), dim=0)
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    own = x.detach()
+    parts[ctx.rank] = own + (x - own) * ctx.world_size  # the value of x, with the gradient scaled
+    return torch.cat(parts)
 
 
 def all_reduce_sum(x: Tensor, ctx: DistContext) -> Tensor:

@@ -1,10 +1,10 @@
 """The training loop, top to bottom: data, model, optimiser, resume, steps, evaluation, checkpoints.
 
 Run it under torchrun for several processes (`train.nproc_per_node`): each process
-encodes its share of the global batch, the embeddings are gathered with their
-gradients, and each process computes the loss of its own queries against every key of
-the global batch, so negatives come from the whole batch. Losses are scaled so that the
-averaged gradients equal those of one process on the same global batch.
+encodes its share of the global batch, the embeddings are gathered, and every process
+computes the loss of the whole global batch, so negatives come from all of it. Each
+process back-propagates through its own share, scaled so that the averaged gradients
+equal those of one process on the same global batch.
 """
 
 from __future__ import annotations
@@ -82,11 +82,13 @@ def forward_backward(
     images, input_ids, attention_mask, groups = (t.to(ctx.device, non_blocking=True) for t in batch)
     with autocast(ctx.device, dtype):
         img, cap = ddp_model(images, input_ids, attention_mask)
-    share = contrastive_loss(model, img, cap, groups, ctx, config, epoch)
-    objective = all_reduce_sum(share.detach(), ctx) / ctx.world_size
-    finite = bool(torch.isfinite(objective))  # identical on every rank, so they all skip together
+    loss = contrastive_loss(model, img, cap, groups, ctx, config, epoch)
+    # Averaged although every rank computed the same value: a kernel's last bits may differ between
+    # devices, and all ranks must take the same branch below.
+    objective = all_reduce_sum(loss.detach(), ctx) / ctx.world_size
+    finite = bool(torch.isfinite(objective))
     if finite:
-        scaler.scale(share * loss_scale).backward()
+        scaler.scale(loss * loss_scale).backward()
     return float(objective), finite
 
 
