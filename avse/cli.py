@@ -32,6 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     import subprocess
 
     from avse import pipeline
+    from avse.data.dataset import check_image_cache
+    from avse.data.prepare import prepared_dir
     from avse.training.distributed import under_torchrun
     from avse.training.preflight import check_training_setup
 
@@ -42,6 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
         dry_run(config, args.steps)
         return
+    check_image_cache(prepared_dir(config), ("train", "dev"), config.data.cache_res, config.data.img_res)
     nproc = config.train.nproc_per_node
     if nproc > 1 and not under_torchrun():
         # Relaunch this same command under torchrun; multi-node runs call torchrun directly (see README).

@@ -38,6 +38,7 @@ NON_NEGATIVE = _check("a non-negative integer", lambda v: v >= 0)
 POSITIVE_FLOAT = _check("a positive number", lambda v: v > 0)
 NON_NEGATIVE_FLOAT = _check("a non-negative number", lambda v: v >= 0)
 FRACTION = _check("a number in (0, 1]", lambda v: 0 < v <= 1)
+PROBABILITY = _check("a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,16 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Training image augmentation, as the official code (avse/data/augment.py); embedding and evaluation never augment."""
+
+    crop: bool = True  # random crop of r x each side, r ~ U(0.6, 1), stretched to data.img_res
+    flip: bool = True  # horizontal flip with probability 0.5
+    # A flipped image's caption: `swap` its left/right words ("left of" is false in a mirror); `keep` (the official code).
+    flip_captions: Literal["swap", "keep"] = "swap"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["synthetic", "f30k", "coco"] = "synthetic"
     root: str = "data/synthetic"
@@ -61,9 +72,16 @@ class DataConfig:
     format: Literal["auto", "splits", "karpathy"] = "auto"
     img_res: int = field(default=64, metadata=POSITIVE)
     cache_res: int = field(default=64, metadata=NON_NEGATIVE)
+    # A whole image as a square: `stretch` both sides (the official code, VSE-infinity); `crop` short side + centre crop.
+    resize: Literal["stretch", "crop"] = "stretch"
     on_bad_image: Literal["fail", "skip"] = "fail"
     vocab_size: int = field(default=1000, metadata=_check("an integer >= 100", lambda v: v >= 100))
+    dev_images: int = field(default=1000, metadata=NON_NEGATIVE)  # carved from train when the data has no dev split
     num_workers: int = field(default=2, metadata=NON_NEGATIVE)
+    # Training captions: each word masked, replaced or deleted with this probability (avse/data/tokenizer.py
+    # augment_caption); the official code uses 0.2.
+    caption_augment: float = field(default=0.0, metadata=PROBABILITY)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -75,7 +93,8 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class TextConfig(BackboneConfig):
-    max_len: int = field(default=32, metadata=POSITIVE)
+    # Word pieces per caption, [CLS] and [SEP] included; 0: no truncation (the official code), up to the backbone's positions.
+    max_len: int = field(default=32, metadata=_check("0 (no truncation) or an integer >= 2 ([CLS] and [SEP] count)", lambda v: v == 0 or v >= 2))
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,14 @@ class ModelConfig:
     keep_ratio: float = field(default=0.8, metadata=FRACTION)
     eval_keep_ratio: float = field(default=0.9, metadata=FRACTION)
     alpha: float = field(default=4.0, metadata=NON_NEGATIVE_FLOAT)
+    # Training views: `gumbel` draws patches without replacement around a continuous random
+    # centre; `nearest` (the official code) keeps the nearest patches of a random patch.
+    view_sampling: Literal["gumbel", "nearest"] = "gumbel"
+    # Patches per view: `patches` round(ratio x P); `tokens` (the official code) int(ratio x (P + 1)),
+    # the class token counted: 157 / 176 vs 157 / 177 of 196 at 0.8 / 0.9.
+    keep_count: Literal["patches", "tokens"] = "patches"
+    # Pixel mean/std: `backbone` the family's own (ViT 0.5/0.5); `imagenet` for every backbone (the official code).
+    pixel_stats: Literal["backbone", "imagenet"] = "backbone"
     matching: Literal["max", "sinkhorn"] = "max"
     sinkhorn_iters: int = field(default=20, metadata=POSITIVE)
     size_augment: bool = True
@@ -95,6 +122,8 @@ class ModelConfig:
     # BatchNorm; `avse import-checkpoint` sets both to reproduce its models.
     vision_final_norm: bool = True
     text_mlp_norm: Literal["layer", "batch"] = "layer"
+    # Dropout on the text backbone's token features, before the projection and MLP; the official code uses 0.2.
+    text_dropout: float = field(default=0.0, metadata=PROBABILITY)
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,9 @@ class TrainConfig:
     margin: float = field(default=0.2, metadata=NON_NEGATIVE_FLOAT)
     warmup_epochs: int = field(default=1, metadata=NON_NEGATIVE)
     decorrelation_weight: float = field(default=0.005, metadata=NON_NEGATIVE_FLOAT)
+    # `standardised`: ||C - I||^2 / D of batch-standardised views; `official`: the official
+    # code's formula (paper weight 1). `decorrelation_weight` multiplies either.
+    decorrelation: Literal["standardised", "official"] = "standardised"
     lr: float = field(default=2e-4, metadata=POSITIVE_FLOAT)
     backbone_lr_mult: float = field(default=0.1, metadata=NON_NEGATIVE_FLOAT)
     weight_decay: float = field(default=1e-4, metadata=NON_NEGATIVE_FLOAT)

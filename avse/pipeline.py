@@ -69,7 +69,7 @@ def embed(config: Config) -> None:
     import torch
 
     from avse.compute import resolve_precision, retain_freed_memory
-    from avse.data.dataset import PreparedSplit
+    from avse.data.dataset import PreparedSplit, check_image_cache
     from avse.data.prepare import prepared_dir
     from avse.evaluation.embed import encode_captions, encode_images, load_trained
     from avse.io import atomic_path
@@ -78,13 +78,15 @@ def embed(config: Config) -> None:
     retain_freed_memory()
 
     model, trained, tokenize, checkpoint = load_trained(MODELS)
+    check_image_cache(prepared_dir(config), [config.embed.split], config.data.cache_res, trained.data.img_res)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     dtype = resolve_precision(config.train.precision, device)
     split = PreparedSplit.load(prepared_dir(config), config.embed.split)
 
     start = time.perf_counter()
-    images = encode_images(model, split, trained.data.img_res, config.embed.batch_size, device, dtype, config.data.num_workers, progress=True)
+    images = encode_images(model, split, trained.data.img_res, config.embed.batch_size, device, dtype, config.data.num_workers,
+                           progress=True, resize=config.data.resize)
     image_seconds = time.perf_counter() - start
     captions = encode_captions(model, split.captions, tokenize, config.embed.batch_size, device, dtype, progress=True)
     caption_seconds = time.perf_counter() - start - image_seconds

@@ -63,7 +63,8 @@ class EmbeddingModel(PythonModel):
         from avse.data.dataset import to_tensor
         from avse.data.images import decode_rgb, resize_square
 
-        pixels = [to_tensor(resize_square(decode_rgb(np.frombuffer(data, dtype=np.uint8), f"image row {i}"), self.img_res))
+        resize = self.trained.data.resize
+        pixels = [to_tensor(resize_square(decode_rgb(np.frombuffer(data, dtype=np.uint8), f"image row {i}"), self.img_res, resize))
                   for i, data in enumerate(images)]
         return torch.cat([self.model.encode_image(torch.stack(pixels[i : i + BATCH])).float() for i in range(0, len(pixels), BATCH)])
 

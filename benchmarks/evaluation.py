@@ -43,7 +43,7 @@ def main() -> None:
 
     def timed(split: PreparedSplit) -> float:
         start = time.perf_counter()
-        encode_images(model, split, res, args.batch_size, torch.device("cpu"))
+        encode_images(model, split, res, args.batch_size, torch.device("cpu"), resize=config.data.resize)
         return time.perf_counter() - start
 
     timed(once)  # warm-up: allocator, kernels, page cache

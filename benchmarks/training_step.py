@@ -42,9 +42,9 @@ def official_image_embedding(model: AVSE, images: torch.Tensor) -> torch.Tensor:
     """`[B, V * E]` as the official code computes it: one encoder pass per view, a Python loop per sample."""
     enc, vit = model.image_encoder, model.image_encoder.backbone
     tokens = vit.embeddings(enc.normalize_pixels(images), interpolate_pos_encoding=enc.interpolate)
-    keep = keep_count(enc.keep_ratio, enc.grid, enc.grid)
-    centres = view_centres(images.size(0), enc.views, enc.grid, enc.grid, train=True, device=images.device)
-    indices = radial_bias_indices(centres, enc.grid, enc.grid, keep, enc.alpha, noise=True)  # [B, V, k]
+    keep = keep_count(enc.keep_ratio, enc.grid, enc.grid, "tokens", enc.num_prefix)
+    centres = view_centres(images.size(0), enc.views, enc.grid, enc.grid, train=True, at_patches=True, device=images.device)
+    indices = radial_bias_indices(centres, enc.grid, enc.grid, keep, noise=False)  # [B, V, k], the official nearest patches
     pooled = []
     for view in range(enc.views):
         hidden = gather_views(tokens, indices[:, view : view + 1], enc.num_prefix)  # [B, 1 + k, hidden]

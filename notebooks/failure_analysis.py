@@ -47,7 +47,7 @@ failures.recall_summary(failures.load_eval_metrics(PROJECT))
 t2i = failures.load_per_query(PROJECT, "t2i")
 i2t = failures.load_per_query(PROJECT, "i2t")
 split = failures.load_split(PROJECT, config)
-images = failures.SplitImages(split, config.data.img_res)
+images = failures.SplitImages(split, config.data.img_res, config.data.resize)
 worst_t2i = failures.worst_queries(t2i, WORST)
 failures.t2i_failure_figure(worst_t2i, images)
 
@@ -117,5 +117,5 @@ failures.block_match_figure(failures.query_block_matches(embeddings, query), emb
 
 # %%
 model, trained, _, _ = load_trained(project_file(PROJECT, "models/best.pt", "train").parent)
-image = failures.SplitImages(split, trained.data.img_res)[query["image_id"]]
+image = failures.SplitImages(split, trained.data.img_res, trained.data.resize)[query["image_id"]]
 failures.view_mask_figure(image, failures.evaluation_view_masks(model, image))

@@ -247,7 +247,7 @@ def split_images(tmp_path):
         caption_image=np.array([0, 0, 1, 1, 2, 2]), image_ids=np.array([10, 11, 12]),
         image_paths=["data/img/test_0.jpg", "data/img/test_1.jpg", "data/img/test_2.jpg"], cache=cache,
     )
-    return failures.SplitImages(split, 4)
+    return failures.SplitImages(split, 4, "stretch")
 
 
 def test_split_images_by_id(split_images):

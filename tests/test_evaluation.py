@@ -34,7 +34,7 @@ def test_each_image_is_encoded_once(monkeypatch):
     model = build_model(from_dict({"data": {"img_res": 32}}), vocab_size=50)
     seen = []
     model.image_encoder.backbone.embeddings.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
-    embeddings = encode_images(model, split, 32, batch_size=4, device=torch.device("cpu"))
+    embeddings = encode_images(model, split, 32, batch_size=4, device=torch.device("cpu"), resize="stretch")
     assert seen == [4, 2]  # 6 images in two batches: once each, not once per caption
     assert embeddings.shape == (6, 2 * 256)
 
@@ -43,8 +43,8 @@ def test_embeddings_are_deterministic_and_batch_independent(monkeypatch):
     split, cache = tiny_split()
     monkeypatch.setattr("avse.data.dataset.ImageSource.__getitem__", lambda self, i: cache[i])
     model = build_model(from_dict({"data": {"img_res": 32}}), vocab_size=50).train()
-    first = encode_images(model, split, 32, batch_size=6, device=torch.device("cpu"))
-    second = encode_images(model, split, 32, batch_size=4, device=torch.device("cpu"))
+    first = encode_images(model, split, 32, batch_size=6, device=torch.device("cpu"), resize="stretch")
+    second = encode_images(model, split, 32, batch_size=4, device=torch.device("cpu"), resize="stretch")
     torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-6)
     assert model.training  # restored after evaluation
 

@@ -79,9 +79,37 @@ def test_unreadable_files_name_the_file(tmp_path, content, message):
         load_rgb(path)
 
 
-def test_resize_square_centre_crops_the_longer_side():
+def test_resize_square_crop_mode_centre_crops_the_longer_side():
     image = np.zeros((20, 40, 3), np.uint8)
     image[:, 10:30] = 255  # the centre square of a wide image
-    out = resize_square(image, 10)
+    out = resize_square(image, 10, "crop")
     assert out.shape == (10, 10, 3)
     assert out.min() == 255
+
+
+def grey(rows: list[list[int]]) -> np.ndarray:
+    """`[H, W, 3]` uint8 with every channel `rows`."""
+    return np.repeat(np.array(rows, dtype=np.uint8)[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("tall", [False, True])
+def test_stretch_keeps_the_whole_image_and_crop_only_its_centre(tall):
+    image = grey([[0, 100, 200, 40], [10, 110, 210, 50]])  # 2 x 4, every pixel its own value
+    image = image.transpose(1, 0, 2) if tall else image
+
+    def pixels(out: np.ndarray) -> list[list[int]]:
+        assert out.shape == (2, 2, 3) and (out == out[..., :1]).all()
+        return (out.transpose(1, 0, 2) if tall else out)[..., 0].tolist()
+
+    # Bilinear at half the width: each output column is the mean of two input columns; all four columns count.
+    assert pixels(resize_square(image, 2, "stretch")) == [[50, 120], [60, 130]]
+    # The shorter side is already 2: the middle two columns as they are, the outer two lost.
+    assert pixels(resize_square(image, 2, "crop")) == [[100, 200], [110, 210]]
+
+
+def test_stretch_scales_each_side_on_its_own():
+    image = grey([[0, 40, 80, 120, 160, 200]])  # 1 x 6
+    out = resize_square(image, 3, "stretch")
+    assert out[..., 0].tolist() == [[20, 100, 180]] * 3  # rows repeated, column pairs averaged
+    same = grey([[1, 2], [3, 4]])
+    assert resize_square(same, 2, "stretch") is same  # already the size: untouched

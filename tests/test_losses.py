@@ -10,6 +10,7 @@ from avse.model.losses import (
     hinge_triplet_loss,
     infonce_loss,
     multi_view_decorrelation,
+    official_decorrelation,
 )
 
 
@@ -149,3 +150,68 @@ def test_decorrelation_gradients_finite() -> None:
     multi_view_decorrelation(views).backward()
     assert torch.isfinite(views.grad).all()
     assert views.grad.abs().sum() > 0
+
+
+def official_term_by_loops(a: list[list[float]], b: list[list[float]], eps: float = 1e-8) -> float:
+    """The official formula on two views `[B][D]` in plain Python: columns over the batch
+    scaled to unit norm (+ eps), C = a_n^T b_n / B, sum (C_ii - 1)^2 + 0.0051 sum_{i != j} C_ij^2."""
+    batch, dim = len(a), len(a[0])
+
+    def unit_columns(x):
+        norms = [math.sqrt(sum(x[n][d] ** 2 for n in range(batch))) + eps for d in range(dim)]
+        return [[x[n][d] / norms[d] for d in range(dim)] for n in range(batch)]
+
+    a, b = unit_columns(a), unit_columns(b)
+    total = 0.0
+    for i in range(dim):
+        for j in range(dim):
+            c = sum(a[n][i] * b[n][j] for n in range(batch)) / batch
+            total += (c - 1) ** 2 if i == j else 0.0051 * c ** 2
+    return total
+
+
+def test_official_decorrelation_hand_computed() -> None:
+    # Unit columns: a -> (0.6, 0.8), (0, 1); b -> (0, 1), (1, 0). C = [[0.8, 0.6], [1, 0]] / 2
+    # = [[0.4, 0.3], [0.5, 0]]: (0.4 - 1)^2 + (0 - 1)^2 + 0.0051 * (0.3^2 + 0.5^2) = 1.361734.
+    views = t([[[3.0, 0.0], [0.0, 2.0]], [[4.0, 1.0], [5.0, 0.0]]])  # [B=2, V=2, D=2]
+    assert official_decorrelation(views).item() == pytest.approx(1.361734, abs=1e-6)
+
+
+def test_official_decorrelation_matches_plain_loops_and_averages_pairs() -> None:
+    views = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    rows = views.tolist()  # [B][V][D]
+    pairs = [official_term_by_loops([r[i] for r in rows], [r[j] for r in rows]) for i, j in [(0, 1), (0, 2), (1, 2)]]
+    assert official_decorrelation(views[:, :2]).item() == pytest.approx(pairs[0], rel=1e-6)
+    assert official_decorrelation(views).item() == pytest.approx(sum(pairs) / 3, rel=1e-6)
+    assert official_decorrelation(views[:, :1]).item() == 0.0
+
+
+def test_official_decorrelation_cannot_go_below_d_times_one_minus_one_over_b_squared() -> None:
+    batch, dim = 16, 8
+    floor = dim * (1 - 1 / batch) ** 2
+    # Identical views with orthogonal columns reach the floor: C = I / B.
+    a = whitened_orthogonal(batch, dim, seed=5)
+    assert official_decorrelation(torch.stack([a, a], dim=1)).item() == pytest.approx(floor, rel=1e-6)
+    for seed in range(5):
+        views = torch.randn(batch, 2, dim, generator=torch.Generator().manual_seed(seed))
+        assert official_decorrelation(views).item() >= floor
+
+
+@pytest.mark.parametrize("formula", ["standardised", "official"])
+def test_the_objective_adds_the_configured_decorrelation_times_its_weight(formula: str) -> None:
+    from avse.config import from_dict
+    from avse.model.avse import build_model
+    from avse.training.distributed import DistContext
+    from avse.training.objective import contrastive_loss
+
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(6)
+    img = F.normalize(torch.randn(8, 2, 256, generator=gen), dim=-1).view(8, 512)
+    cap, groups = torch.randn(8, 256, generator=gen), torch.arange(8)
+
+    def loss(weight: float) -> float:
+        config = from_dict({"train": {"decorrelation": formula, "decorrelation_weight": weight}})
+        return contrastive_loss(build_model(config, vocab_size=100), img, cap, groups, ctx, config, epoch=0).item()
+
+    term = (official_decorrelation if formula == "official" else multi_view_decorrelation)(img.view(8, 2, 256)).item()
+    assert loss(2.0) - loss(0.0) == pytest.approx(2.0 * term, rel=1e-5)

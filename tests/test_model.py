@@ -78,6 +78,32 @@ def test_vit_views_run_the_kept_tokens_only():
     assert tokens.shape == (2 * 2, 1 + 16, 128)
 
 
+def test_nearest_training_views_are_the_nearest_patches_of_seeded_patch_centres():
+    from avse.model.sampling import radial_bias_indices, view_centres
+
+    model = build_model(config(view_sampling="nearest", keep_count="tokens"), vocab_size=100).train()
+    encoder = model.image_encoder
+    pixels = encoder.normalize_pixels(batch(3, 64)[0])
+    _, indices = encoder.view_tokens(pixels, torch.Generator().manual_seed(7))
+    _, again = encoder.view_tokens(pixels, torch.Generator().manual_seed(7))
+    centres = view_centres(3, 2, 8, 8, train=True, at_patches=True, generator=torch.Generator().manual_seed(7))
+    assert indices.shape == (3, 2, 52)  # int(0.8 x (64 + 1)) of vit-tiny's 8 x 8 patches at 64 px
+    assert torch.equal(indices, again)
+    assert torch.equal(indices, radial_bias_indices(centres, 8, 8, 52, noise=False))
+
+
+@pytest.mark.parametrize("vision, stats, mean, std", [
+    ("vit-tiny", "backbone", 0.5, 0.5),
+    ("vit-tiny", "imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("swin-tiny", "backbone", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+])
+def test_pixel_stats(vision, stats, mean, std):
+    encoder = build_model(config(vision={"name": vision}, pixel_stats=stats), vocab_size=100).image_encoder
+    images = batch(2, 64)[0]
+    expected = (images.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)) / torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
+    torch.testing.assert_close(encoder.normalize_pixels(images).double(), expected, rtol=0, atol=1e-5)
+
+
 def test_swin_views_come_from_the_final_grid():
     model = build_model(config(vision={"name": "swin-tiny"}, keep_ratio=0.5), vocab_size=100).train()
     tokens, indices = model.image_encoder.view_tokens(model.image_encoder.normalize_pixels(batch(2, 64)[0]))

@@ -4,18 +4,22 @@ import argparse
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import BertConfig
 
 from avse import pipeline
 from avse.config import BackboneConfig, load_config
+from avse.data.dataset import ImageDataset, PreparedSplit
 from avse.data.tokenizer import train_wordpiece
 from avse.errors import AvseError
 from avse.evaluation.embed import load_trained
 from avse.model import backbones, official
 from avse.model.avse import build_model
+from avse.model.sampling import view_centres
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = dict(vit_type="vit-tiny", embed_size=256, img_res=64, dataset="f30k", size_augment=1, batch_size=128)
@@ -87,9 +91,9 @@ def bert_folder(tmp_path) -> Path:
     return folder
 
 
-def reference_model(bert_folder: Path):
+def reference_model(bert_folder: Path, options: dict = OPTIONS):
     """A model of the official architecture with random weights and non-trivial BatchNorm statistics."""
-    overrides = official.settings(OPTIONS) + [f"model.text.name={bert_folder}", "model.text.init=random"]
+    overrides = official.settings(options) + [f"model.text.name={bert_folder}", "model.text.init=random"]
     config = load_config(REPO / "params.yaml", overrides)
     torch.manual_seed(0)
     model = build_model(config, vocab_size=BertConfig.from_pretrained(bert_folder).vocab_size)
@@ -99,8 +103,8 @@ def reference_model(bert_folder: Path):
     return model.eval()
 
 
-def save_official(path: Path, model, **extra) -> Path:
-    torch.save({"model": official_layout(model.state_dict(), **extra.pop("layout", {})), "opt": argparse.Namespace(**OPTIONS),
+def save_official(path: Path, model, options: dict = OPTIONS, **extra) -> Path:
+    torch.save({"model": official_layout(model.state_dict(), **extra.pop("layout", {})), "opt": argparse.Namespace(**options),
                 "epoch": 12, "Eiters": 3400, **extra}, path)
     return path
 
@@ -115,6 +119,9 @@ def test_an_official_checkpoint_converts_to_a_model_with_the_same_embeddings(tmp
     imported, config, tokenize, checkpoint = load_trained(tmp_path / "models")
     assert (config.model.vision.name, config.model.embed_size, config.model.block_dim, config.data.img_res) == ("vit-tiny", 256, 256, 64)
     assert (config.model.vision_final_norm, config.model.text_mlp_norm, config.data.dataset) == (False, "batch", "f30k")
+    # The official preprocessing: ImageNet statistics, its keep count and views, stretched images, untruncated captions.
+    assert (config.model.pixel_stats, config.model.keep_count, config.model.view_sampling) == ("imagenet", "tokens", "nearest")
+    assert (config.data.resize, config.model.text.max_len) == ("stretch", 0)
     assert (checkpoint["epoch"], checkpoint["step"], checkpoint["dev_metrics"]["rsum"]) == (12, 3400, 512.5)
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     batch = tokenize(["a red circle", "two small green triangles left of a blue square"])
@@ -162,3 +169,87 @@ def test_swin_blocks_in_transformers_4_names_map_onto_this_swin(tmp_path):
     state["img_enc.visual_encoder.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = torch.zeros(16, 16)
     converted = official.convert_state_dict(state, "swin")
     assert set(converted) == {f"image_encoder.backbone.{k}" for k in swin.state_dict()}
+
+
+def write_photos(folder: Path) -> list[Path]:
+    """Photo-sized JPEGs (500 x 375, 375 x 500, 500 x 333) of smooth random colour fields with a little grain."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (width, height) in enumerate([(500, 375), (375, 500), (500, 333)]):
+        coarse = rng.integers(0, 256, (6, 8, 3)).astype(np.float32)
+        field = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 8, (height, width, 3))
+        paths.append(folder / f"{i}.jpg")
+        cv2.imwrite(str(paths[-1]), np.clip(field, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return paths
+
+
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def official_resized(path: Path, img_res: int) -> np.ndarray:
+    """The official `_process_image` at evaluation, before normalising: imageio's (Pillow's) decode, float32, the
+    whole image resized by cv2 to `img_res` x `img_res` (INTER_LINEAR, each side its own scale). `[R, R, 3]`."""
+    image = np.array(Image.open(path)).astype(np.float32)
+    height, width = image.shape[:2]
+    return cv2.resize(image, None, None, fx=img_res / width, fy=img_res / height, interpolation=cv2.INTER_LINEAR)
+
+
+def official_view_patches(side: int, num_tokens: int, centre: torch.Tensor) -> torch.Tensor:
+    """`radial_bias_sampling_groups` around `centre` (official integer patch coordinates `[2]`; it draws them with
+    torch.randint, here they are given): the int(0.9 x num_tokens) patches of highest exp(-4 d) / sum, equal weights
+    in index order (the official topk leaves their order unspecified). `[new_n]` patch indices."""
+    coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), dim=-1).reshape(-1, 2).float()
+    weights = torch.exp(-4.0 * torch.norm(coords - centre, dim=-1))  # [P]
+    return torch.sort(weights / weights.sum(), descending=True, stable=True).indices[: int(num_tokens * 0.9)]
+
+
+def official_image_embedding(model, pixels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """`VisionTransEncoder.forward` of the official code in eval mode, on `model`'s weights: per view the class token
+    and `official_view_patches`, the encoder without the final LayerNorm, fc, GPO over all tokens, x / (|x| + 1e-8).
+
+    pixels `[B, 3, R, R]` normalised; centres `[V, 2]`. Returns `[B, V * E]`.
+    """
+    vit, encoder = model.image_encoder.backbone, model.image_encoder
+    tokens = vit.embeddings(pixels, interpolate_pos_encoding=True)  # [B, 1 + P, hidden]
+    side = round((tokens.shape[1] - 1) ** 0.5)
+    views = []
+    for centre in centres:
+        hidden = torch.cat([tokens[:, :1], tokens[:, 1 + official_view_patches(side, tokens.shape[1], centre)]], dim=1)
+        for layer in vit.layers:
+            hidden = layer(hidden)
+        features = encoder.proj(hidden)
+        pooled, _ = encoder.gpo(features, torch.full((features.size(0),), features.size(1)))
+        views.append(pooled / (pooled.norm(dim=-1, keepdim=True) + 1e-8))
+    return torch.cat(views, dim=1)
+
+
+def test_imported_embeddings_of_jpeg_files_match_the_official_preprocessing_and_views(tmp_path, bert_folder):
+    # 112 px with 8 px patches: 14 x 14 patches, where the official count keeps 177 of 196 at evaluation, not 176.
+    options = {**OPTIONS, "img_res": 112}
+    reference = reference_model(bert_folder, options)
+    source = save_official(tmp_path / "model_best.pth", reference, options)
+    pipeline.import_checkpoint(source, REPO / "params.yaml", [f"model.text.name={bert_folder}"], out_dir=tmp_path / "models")
+    imported, config, _, _ = load_trained(tmp_path / "models")
+    paths = write_photos(tmp_path)
+    split = PreparedSplit(name="test", captions=[], caption_image=np.zeros(0, np.int64), image_ids=np.arange(len(paths)),
+                          image_paths=[str(p) for p in paths], cache=None)
+    ours = torch.stack([ImageDataset(split, config.data.img_res, config.data.resize)[i][0] for i in range(len(paths))])
+    theirs = np.stack([official_resized(p, 112) for p in paths])  # [N, R, R, 3] float32
+    # The one pixel difference left: this project resizes uint8 (cv2's fixed point), the official code float32.
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1.0
+    official_pixels = torch.from_numpy((theirs / 255 - IMAGENET_MEAN) / IMAGENET_STD).permute(0, 3, 1, 2)
+    # This project's fixed evaluation centres, in the official coordinates (half a patch lower).
+    centres = view_centres(1, 2, 14, 14, train=False)[0] - 0.5
+    with torch.no_grad():
+        _, kept = imported.image_encoder.view_tokens(imported.image_encoder.normalize_pixels(ours))  # [N, V, 177]
+        expected = torch.stack([official_view_patches(14, 197, c).sort().values for c in centres])  # [V, 177]
+        assert kept.shape == (len(paths), 2, 177) and torch.equal(kept, expected.expand_as(kept))
+
+        def mean_view_cosine() -> float:
+            embedded = imported.encode_image(ours).view(len(paths), 2, -1)
+            official = official_image_embedding(reference, official_pixels, centres).view(len(paths), 2, -1)
+            return torch.nn.functional.cosine_similarity(embedded, official, dim=-1).mean().item()
+
+        assert mean_view_cosine() >= 0.999
+        imported.image_encoder.pixel_mean.fill_(0.5), imported.image_encoder.pixel_std.fill_(0.5)  # ViT's own statistics
+        assert mean_view_cosine() < 0.99

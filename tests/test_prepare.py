@@ -1,6 +1,7 @@
 """The prepare step: formats, every validation rule, and its outputs."""
 
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -10,13 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avse import cli
-from avse.data.formats import read_caption_splits, read_karpathy, read_lines, write_caption_splits
-from avse.data.prepare import MAX_LISTED_PROBLEMS, prepare
+from avse import cli, pipeline
+from avse.data.dataset import PreparedSplit
+from avse.data.formats import Caption, read_caption_splits, read_karpathy, read_lines, write_caption_splits
+from avse.data.prepare import MAX_LISTED_PROBLEMS, caption_stats, prepare
 from avse.data.tokenizer import SPECIAL_TOKENS, learn_wordpiece_vocab, load_tokenizer, train_wordpiece
 from avse.errors import DataError
+from avse.training.loop import train
 
-from conftest import REPO, make_config, run
+from conftest import REPO, TINY, make_config, run
 from test_images import jpeg_claiming
 
 SPLITS = ("train", "dev", "test")
@@ -228,6 +231,19 @@ def test_skip_bad_images_drops_their_captions_and_reports(tmp_path):
     np.testing.assert_array_equal(train_cache[1], cv2.resize(image_2, (4, 4), interpolation=cv2.INTER_AREA))
 
 
+@pytest.mark.parametrize("resize", ["stretch", "crop"])
+def test_the_cache_holds_whole_images_made_square_per_data_resize(tmp_path, resize):
+    caps_dir, image_dir = make_raw(tmp_path)
+    cv2.imwrite(str(image_dir / "0000.jpg"), np.random.default_rng(9).integers(0, 255, (8, 16, 3), dtype=np.uint8))  # 2:1
+    out = tmp_path / "prepared"
+    prepare(config_for(caps_dir, image_dir, resize=resize), out, progress=False)
+    wide = cv2.cvtColor(cv2.imread(str(image_dir / "0000.jpg")), cv2.COLOR_BGR2RGB)
+    stretched = cv2.resize(wide, (4, 4), interpolation=cv2.INTER_LINEAR)  # every column, squeezed
+    cropped = cv2.resize(wide[:, 4:12], (4, 4), interpolation=cv2.INTER_AREA)  # the centre square only
+    assert not np.array_equal(stretched, cropped)
+    np.testing.assert_array_equal(np.load(out / "train_images.npy")[0], stretched if resize == "stretch" else cropped)
+
+
 def karpathy_json(path: Path) -> None:
     def image(name, split, n, filepath=None):
         entry = {"filename": name, "split": split, "sentences": [{"raw": f"{name} says {k}"} for k in range(n)]}
@@ -409,3 +425,107 @@ def test_bad_input_in_a_process_of_its_own(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == f"error: {image_dir / '0003.jpg'}: truncated JPEG (no end-of-image marker) (image id 3, split dev); nothing was written"
     assert "Traceback" not in result.stderr and written_files(tmp_path / "data") == []
+
+
+def without_dev(caps_dir: Path) -> Path:
+    """The official repositories' layout: train and test caption files only."""
+    for name in ("dev_caps.txt", "dev_ids.txt"):
+        (caps_dir / name).unlink()
+    return caps_dir
+
+
+def image_ids(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(row["image_id"] for row in rows))
+
+
+def test_a_dev_split_is_carved_from_train_when_the_data_has_none(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path, images_per_split=(8, 0, 2))
+    without_dev(caps_dir)
+    train_ids = image_ids_of_file(caps_dir / "train_ids.txt")
+    out = tmp_path / "prepared"
+    stats = prepare(config_for(caps_dir, image_dir, dev_images=3), out, progress=False)
+    dev, train = image_ids(read_index(out / "dev.csv")), image_ids(read_index(out / "train.csv"))
+    expected = sorted(train_ids, key=lambda i: hashlib.sha256(i.encode()).digest())[:3]
+    assert sorted(dev) == sorted(expected) and set(train) == set(train_ids) - set(dev)
+    assert dev == [i for i in train_ids if i in dev]  # in train's order, captions kept with their image
+    assert len(read_index(out / "dev.csv")) == 15 and stats["dev"]["images"] == 3 and stats["train"]["images"] == 5
+    assert stats["dev_carved_from_train"] == 3 and json.loads((out / "stats.json").read_text())["dev_carved_from_train"] == 3
+    assert image_ids(read_index(out / "test.csv")) == ["8", "9"]  # never from test
+    assert np.load(out / "dev_images.npy").shape == (3, 4, 4, 3)
+
+
+def image_ids_of_file(path: Path) -> list[str]:
+    return list(dict.fromkeys(path.read_text().split()))
+
+
+def test_the_carved_dev_split_does_not_depend_on_the_file_order_and_grows_by_inclusion(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path, images_per_split=(8, 0, 2))
+    without_dev(caps_dir)
+
+    def carve(images: int, out: str) -> set[str]:
+        prepare(config_for(caps_dir, image_dir, dev_images=images), tmp_path / out, progress=False)
+        return set(image_ids(read_index(tmp_path / out / "dev.csv")))
+
+    two, four = carve(2, "two"), carve(4, "four")
+    assert len(two) == 2 and two < four
+    for name in ("train_caps.txt", "train_ids.txt"):  # the same images, listed backwards
+        lines = (caps_dir / name).read_text().splitlines()
+        (caps_dir / name).write_text("\n".join(reversed(lines)) + "\n")
+    assert carve(4, "reversed") == four
+
+
+def test_a_dev_split_in_the_data_is_kept_and_nothing_is_carved(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    stats = prepare(config_for(caps_dir, image_dir, dev_images=2), tmp_path / "prepared", progress=False)
+    assert stats["dev_carved_from_train"] == 0 and image_ids(read_index(tmp_path / "prepared" / "dev.csv")) == ["3", "4"]
+
+
+def test_asking_for_more_dev_images_than_train_can_give_is_one_line(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path, images_per_split=(4, 0, 2))
+    without_dev(caps_dir)
+    error = run_bad(tmp_path, caps_dir, image_dir, dev_images=4)
+    assert error == ("data.dev_images: 4 images asked for the dev split, but train has only 4 images with 5 captions "
+                     "(and must keep some): ask for fewer")
+
+
+def test_without_a_dev_split_training_names_the_parameter_that_carves_one(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path, images_per_split=(4, 0, 2))
+    without_dev(caps_dir)
+    prepare(config_for(caps_dir, image_dir, dev_images=0), tmp_path / "prepared", progress=False)
+    with pytest.raises(DataError, match=r"no prepared split 'dev' \(available: test, train; .*data\.dev_images"):
+        PreparedSplit.load(tmp_path / "prepared", "dev")
+
+
+def test_training_runs_on_a_train_and_test_layout(tmp_path, monkeypatch, caplog):
+    caps_dir, image_dir = make_raw(tmp_path, images_per_split=(10, 0, 2))
+    without_dev(caps_dir)
+    monkeypatch.chdir(tmp_path)
+    config = make_config(TINY | {"data": TINY["data"] | {"dataset": "f30k", "root": str(caps_dir), "images": str(image_dir),
+                                                       "dev_images": 2, "img_res": 8, "cache_res": 8},
+                                 "train": TINY["train"] | {"batch_size": 8, "max_steps": 1}, "tracking": {"enabled": False}})
+    pipeline.prepare(config)
+    with caplog.at_level("INFO", logger="avse.train"):
+        state = train(config, tmp_path / "models")
+    assert state.step == 1 and (tmp_path / "models" / "best.pt").exists()
+    assert "train: 0 of 40 captions are longer than model.text.max_len 32 word pieces (longest 9)\n" in caplog.text
+
+
+def test_caption_stats_count_captions_by_length_in_word_pieces(tmp_path):
+    texts = ["a dog", "a dog runs", "a dog runs", "two dogs run on grass ."]
+    tokenizer = train_wordpiece(texts * 2, tmp_path / "tok", vocab_size=100)  # every word seen twice: one piece each
+    stats = caption_stats([Caption(text, i, f"caps.txt:{i + 1}") for i, text in enumerate(texts)], tokenizer)
+    pieces = stats["pieces_per_caption"]
+    assert pieces.pop("p95") == pytest.approx(7.55)
+    assert pieces == {"mean": 5.5, "min": 4, "median": 5.0, "max": 8, "counts": {"4": 1, "5": 2, "8": 1}}  # [CLS] and [SEP] counted
+    assert [len(tokenizer.tokenize(text)) + 2 for text in texts] == [4, 5, 5, 8]
+    assert "pieces_per_caption" not in caption_stats([Caption("a dog", 0, "caps.txt:1")])
+
+
+def test_prepare_records_caption_lengths_in_the_pieces_of_its_tokenizer(tmp_path):
+    caps_dir, image_dir = make_raw(tmp_path)
+    stats = prepare(config_for(caps_dir, image_dir), tmp_path / "out", progress=False,
+                    tokenizer_builder=lambda captions, folder: train_wordpiece(captions, folder, vocab_size=100))
+    # "caption 3 of image 5 in test": 7 words of one piece each (an unseen word is one [UNK]), + [CLS] and [SEP].
+    assert {name: stats[name]["pieces_per_caption"]["counts"] for name in SPLITS} == {"train": {"9": 15}, "dev": {"9": 10}, "test": {"9": 10}}
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["dev"]["pieces_per_caption"]["max"] == 9
+    assert "pieces_per_caption" not in prepare(config_for(caps_dir, image_dir), tmp_path / "plain", progress=False)["train"]

@@ -160,6 +160,8 @@ def test_a_full_disk_while_embedding_keeps_the_previous_embeddings(project, monk
     (["model.views=0"], "model.views: 0 is not an integer >= 1"),
     (["model.vision.name=swin-tiny", "data.img_res=16"],
      "data.img_res: 16 is too small for model.vision.name 4-token windows (final grid 2x2); use at least 32"),
+    (["data.cache_res=64", "data.img_res=224"],
+     "data.cache_res: 64 is smaller than data.img_res: 224; prepare with -S data.cache_res=224 (or 0 to decode the JPEGs)"),
 ])
 def test_bad_parameters_stop_training_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, overrides, message):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")  # and no prepared data: nothing may get that far
@@ -167,6 +169,24 @@ def test_bad_parameters_stop_training_with_one_line_before_any_work(tmp_path, mo
     assert cli.main(["train", *(f"--set={override}" for override in overrides)]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
+def test_an_image_cache_too_small_or_stale_stops_train_and_embed_with_one_line(project, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(project)
+    cache = "data/prepared/synthetic/train_images.npy"  # prepared at TINY's 32 px
+    assert cli.main(["train", "-S", "data.cache_res=48"]) == 2
+    assert capsys.readouterr().err == f"error: {cache}: holds 32 px images, but data.cache_res is 48; prepare again with data.cache_res: 48\n"
+    assert not (project / "models").exists()
+    assert cli.main(["train", "-S", "train.max_steps=1", "-S", "tracking.enabled=false"]) == 0
+    capsys.readouterr()
+    test_cache = "data/prepared/synthetic/test_images.npy"
+    for overrides, message in (
+        (["data.cache_res=16"], "data.cache_res: 16 is smaller than data.img_res: 32; prepare with -S data.cache_res=32 (or 0 to decode the JPEGs)"),
+        (["data.cache_res=0"], f"{test_cache}: holds 32 px images, but data.cache_res is 0; prepare again with data.cache_res: 0"),
+    ):
+        assert cli.main(["embed", *(f"--set={override}" for override in overrides)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (project / "embeddings").exists()
 
 
 def test_more_processes_than_gpus_stop_before_launching(tmp_path, monkeypatch, capsys):

@@ -25,6 +25,26 @@ def test_keep_count() -> None:
         keep_count(0.0, 14, 14)
 
 
+@pytest.mark.parametrize(("grid", "num_prefix", "patches", "tokens"), [
+    (14, 1, (157, 176), (157, 177)),  # ViT at 224 px, patch 16: 196 patches + the class token
+    (24, 1, (461, 518), (461, 519)),  # ViT at 384 px, patch 16
+    (8, 1, (51, 58), (52, 58)),  # vit-tiny at 64 px, patch 8
+    (7, 0, (39, 44), (39, 44)),  # Swin's final 7 x 7 grid: no class token
+])
+def test_keep_count_rules_at_train_and_eval_ratios(grid: int, num_prefix: int, patches: tuple, tokens: tuple) -> None:
+    assert tuple(keep_count(r, grid, grid, "patches", num_prefix) for r in (0.8, 0.9)) == patches
+    assert tuple(keep_count(r, grid, grid, "tokens", num_prefix) for r in (0.8, 0.9)) == tokens
+    # The official code's own expression on its embedding sequence [B, num_prefix + P, D].
+    sequence = num_prefix + grid * grid
+    assert tokens == (int(sequence * 0.8), int(sequence * 0.9))
+
+
+def test_keep_count_tokens_never_exceeds_the_patches() -> None:
+    assert keep_count(1.0, 14, 14, "tokens") == 196
+    with pytest.raises(ValueError, match="patches or tokens"):
+        keep_count(0.5, 14, 14, "sequence")
+
+
 @pytest.mark.parametrize(("grid_h", "grid_w"), GRIDS)
 @pytest.mark.parametrize("noise", [False, True])
 def test_indices_count_unique_in_range_sorted(grid_h: int, grid_w: int, noise: bool) -> None:
@@ -87,6 +107,43 @@ def test_train_centres_seeded() -> None:
     assert not torch.equal(draw(0), draw(1))
     centres = draw(2)
     assert (centres >= 0).all() and (centres[..., 0] < 12).all() and (centres[..., 1] < 20).all()
+
+
+def nearest_by_loops(centre: tuple[float, float], grid_h: int, grid_w: int, keep: int) -> list[int]:
+    """The `keep` patches nearest to `centre`, equal distances in index order, in plain Python."""
+    by_distance = sorted(((r + 0.5 - centre[0]) ** 2 + (c + 0.5 - centre[1]) ** 2, r * grid_w + c)
+                         for r in range(grid_h) for c in range(grid_w))
+    return sorted(index for _, index in by_distance[:keep])
+
+
+def test_nearest_keeps_exact_indices_ties_in_index_order() -> None:
+    # 4 x 4 grid, centre on patch (1, 1) = index 5: its 4 neighbours at distance 1, then the
+    # 4 diagonal ones (0, 2, 8, 10) at sqrt(2), of which keep 7 takes the lower two.
+    centre = torch.tensor([[[1.5, 1.5]]])
+    assert radial_bias_indices(centre, 4, 4, 5, noise=False).tolist() == [[[1, 4, 5, 6, 9]]]
+    assert radial_bias_indices(centre, 4, 4, 7, noise=False).tolist() == [[[0, 1, 2, 4, 5, 6, 9]]]
+
+
+@pytest.mark.parametrize(("grid_h", "grid_w"), [(5, 6), (7, 7)])
+@pytest.mark.parametrize("keep", [1, 7, 13, 29])
+def test_nearest_around_every_patch_matches_a_brute_force_reference(grid_h: int, grid_w: int, keep: int) -> None:
+    centres = torch.tensor([[[r + 0.5, c + 0.5] for r in range(grid_h) for c in range(grid_w)]])  # [1, P, 2]
+    idx = radial_bias_indices(centres, grid_h, grid_w, keep, 4.0, noise=False)
+    expected = [nearest_by_loops(tuple(centre), grid_h, grid_w, keep) for centre in centres[0].tolist()]
+    assert idx[0].tolist() == expected
+
+
+def test_train_centres_at_patches_are_seeded_uniform_patch_centres() -> None:
+    def draw(seed: int) -> torch.Tensor:
+        return view_centres(3000, 2, 4, 5, train=True, at_patches=True, generator=torch.Generator().manual_seed(seed))
+
+    centres = draw(0)
+    assert centres.shape == (3000, 2, 2) and torch.equal(centres, draw(0)) and not torch.equal(centres, draw(1))
+    patch = centres - 0.5  # the official code's integer (row, col) of the drawn patch
+    assert torch.equal(patch, patch.round()) and (patch >= 0).all()
+    assert (patch[..., 0] < 4).all() and (patch[..., 1] < 5).all()
+    counts = torch.bincount((patch[..., 0] * 5 + patch[..., 1]).long().flatten(), minlength=20)
+    assert counts.min() > 0.7 * 300 and counts.max() < 1.3 * 300  # 6000 draws over 20 patches
 
 
 def test_noisy_indices_seeded_and_radially_biased() -> None:

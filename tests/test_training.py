@@ -18,7 +18,8 @@ from conftest import REPO, run
 CPU = torch.device("cpu")
 
 
-def batches(sampler: GlobalBatchSampler) -> list[list[int]]:
+def batches(sampler: GlobalBatchSampler) -> list[list[tuple[int, int]]]:
+    """The sampler's (caption index, item seed) keys, cut into its per-process batches."""
     order = list(sampler)
     return [order[i : i + sampler.batch_size] for i in range(0, len(order), sampler.batch_size)]
 
@@ -30,8 +31,8 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
         sampler.set_epoch(2)
     expected = batches(one)
     assert len(expected) == 5
-    assert [a + b for a, b in zip(batches(ranks[0]), batches(ranks[1]))] == expected
-    assert sorted(i for batch in expected for i in batch) == list(range(30))
+    assert [a + b for a, b in zip(batches(ranks[0]), batches(ranks[1]))] == expected  # item seeds included
+    assert sorted(i for batch in expected for i, _ in batch) == list(range(30))
 
 
 def test_sampler_shuffles_per_epoch_and_resumes_mid_epoch():

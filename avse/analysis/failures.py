@@ -33,6 +33,7 @@ from torch import Tensor
 from avse.analysis.project import project_file
 from avse.config import Config
 from avse.data.dataset import ImageSource, PreparedSplit, to_tensor
+from avse.data.images import Resize
 from avse.data.prepare import prepared_dir
 from avse.data.synthetic import RELATIONS, SIZES
 from avse.errors import AvseError
@@ -72,10 +73,10 @@ def load_embeddings(project: Path, config: Config) -> Embeddings:
 
 
 class SplitImages:
-    """Images of a prepared split by image id, `[R, R, 3]` uint8 at `resolution`."""
+    """Images of a prepared split by image id, `[R, R, 3]` uint8 at `resolution`, made square per `resize` (`data.resize`)."""
 
-    def __init__(self, split: PreparedSplit, resolution: int):
-        self.split, self.source = split, ImageSource(split, resolution)
+    def __init__(self, split: PreparedSplit, resolution: int, resize: Resize):
+        self.split, self.source = split, ImageSource(split, resolution, resize)
         self._positions = {int(image_id): position for position, image_id in enumerate(split.image_ids)}
 
     def __getitem__(self, image_id: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -12,6 +13,8 @@ from avse.errors import DataError
 # Refuse images larger than this before decoding them (a decompression-bomb guard):
 # 16k x 16k is far beyond any dataset photo.
 MAX_PIXELS = 16384 * 16384
+
+Resize = Literal["stretch", "crop"]  # data.resize: how a whole image becomes a square
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -69,9 +72,18 @@ def _header_size(data: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` and centre-crop to `[size, size, 3]`."""
+def resize_square(image: np.ndarray, size: int, mode: Resize) -> np.ndarray:
+    """The whole image `[H, W, 3]` as `[size, size, 3]` uint8, as `data.resize` (`mode`) says.
+
+    `stretch` scales each side to `size` (bilinear, aspect changed, nothing lost), as the official
+    code and VSE-infinity do. `crop` scales the shorter side to `size` (area-averaged when
+    shrinking) and centre-crops the longer one (aspect kept, its ends lost).
+    """
     height, width = image.shape[:2]
+    if mode == "stretch":
+        if (height, width) == (size, size):
+            return image
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
     scale = size / min(height, width)
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR

@@ -3,8 +3,11 @@
 Output folder (written atomically: all of it or none of it):
     {split}.csv          one row per caption: image_id, image_file, image_path, caption;
                          the captions of an image are consecutive, images in first-seen order
-    {split}_images.npy   optional uint8 cache [n_images, cache_res, cache_res, 3] in the same image order
-    stats.json           counts and caption-length statistics per split
+    {split}_images.npy   optional uint8 cache [n_images, cache_res, cache_res, 3] in the same image order: whole
+                         images, stretched or centre-cropped to a square per `data.resize`
+    stats.json           counts and caption-length statistics per split (in word pieces too, with the
+                         trained tokenizer), and how many dev images were carved from train (data
+                         with no dev split)
     dropped.csv          images dropped with `data.on_bad_image: skip`, and why
     tokenizer/           WordPiece vocabulary trained on the train captions (random text backbone)
 """
@@ -12,6 +15,7 @@ Output folder (written atomically: all of it or none of it):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 from avse.progress import progress as progress_bar
 
 from avse.config import Config
@@ -30,10 +35,12 @@ from avse.data.formats import (
     Caption,
     Problem,
     RawDataset,
+    RawSplit,
     read_dataset,
     resolve_image,
 )
-from avse.data.images import load_rgb, resize_square
+from avse.data.images import Resize, load_rgb, resize_square
+from avse.data.tokenizer import piece_lengths
 from avse.errors import DataError
 from avse.io import atomic_path
 
@@ -59,14 +66,16 @@ def prepared_dir(config: Config) -> Path:
 def prepare(config: Config, out_dir: Path, *, tokenizer_builder=None, progress: bool = True) -> dict:
     """Validate `data.root` + `data.images` and write the prepared dataset to `out_dir`.
 
-    `tokenizer_builder(train_captions, folder)` writes a tokenizer into `folder`; it is
-    called only when given (a randomly initialised text backbone needs its own vocabulary).
+    `tokenizer_builder(train_captions, folder)` writes a tokenizer into `folder` and returns it;
+    it is called only when given (a randomly initialised text backbone needs its own vocabulary),
+    and then the stats also count each split's captions by length in its word pieces.
     Returns the statistics written to `stats.json`. Raises DataError listing the problems
     (the first MAX_LISTED_PROBLEMS and a count of the rest) and writes nothing when the
     input is bad.
     """
     data = config.data
     raw = read_dataset(Path(data.root), data.dataset, data.format)
+    carved = carve_dev_split(raw, data.dev_images)
     problems = list(raw.problems) + check_captions(raw)
     image_dir = Path(data.images)
 
@@ -78,7 +87,7 @@ def prepare(config: Config, out_dir: Path, *, tokenizer_builder=None, progress: 
             groups = group_by_image(split.captions)
             known = [image_id for image_id in groups if image_id in raw.id_to_file]
             paths = [resolve_image(image_dir, raw.id_to_file[image_id]) for image_id in known]
-            bad = scan_images(paths, data.cache_res, tmp / f"{name}_images.npy", desc=f"images {name}", progress=progress)
+            bad = scan_images(paths, data.cache_res, data.resize, tmp / f"{name}_images.npy", desc=f"images {name}", progress=progress)
             for image_id, path, reason in ((known[i], paths[i], reason) for i, reason in bad.items()):
                 if data.on_bad_image == "skip":
                     dropped.append(DroppedImage(name, image_id, str(path), reason, len(groups[image_id])))
@@ -95,17 +104,47 @@ def prepare(config: Config, out_dir: Path, *, tokenizer_builder=None, progress: 
                 raise DataError(f"{data.root}: split {name} has no usable captions left")
             write_index(tmp / f"{name}.csv", captions, raw, image_dir)
         write_dropped(tmp / "dropped.csv", dropped)
-        stats = {name: caption_stats(captions) for name, captions in splits.items()}
-        stats["dataset"] = data.dataset
-        stats["dropped_images"] = len(dropped)
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        tokenizer = None
         if tokenizer_builder is not None and "train" in splits:
-            tokenizer_builder([c.text for c in splits["train"]], tmp / "tokenizer")
+            tokenizer = tokenizer_builder([c.text for c in splits["train"]], tmp / "tokenizer")
         elif tokenizer_builder is not None:
             log.warning("no train split: no tokenizer is built, so this dataset can be evaluated but not trained on")
+        stats = {name: caption_stats(captions, tokenizer) for name, captions in splits.items()}
+        stats["dataset"] = data.dataset
+        stats["dev_carved_from_train"] = carved
+        stats["dropped_images"] = len(dropped)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     if dropped:
         log.warning("dropped %d bad images with their captions; see %s", len(dropped), out_dir / "dropped.csv")
     return stats
+
+
+def carve_dev_split(raw: RawDataset, images: int) -> int:
+    """Move `images` train images (with their captions) into a new dev split when the data has none.
+
+    The official Flickr30K and COCO files ship train + test only, and training selects its
+    model on dev, never on test. The images are those whose ids have the smallest SHA-256, among
+    train images with CAPTIONS_PER_IMAGE captions (an evaluation split needs them): the choice
+    depends neither on the file's order nor on the machine, and a smaller carve is a subset of
+    a larger one. Returns the number of images carved (0 when there is a dev split already,
+    no train split, the files have problems, or `images` is 0). Raises DataError when train has too few such images.
+    """
+    if images == 0 or raw.problems or "dev" in raw.splits or "train" not in raw.splits:
+        return 0  # with problems (a dev file that could not be read, say), those are what to report
+    train = raw.splits["train"]
+    counts = Counter(c.image_id for c in train.captions)
+    eligible = [image_id for image_id, count in counts.items() if count == CAPTIONS_PER_IMAGE and image_id >= 0]
+    if images >= len(eligible):
+        raise DataError(
+            f"data.dev_images: {images} images asked for the dev split, but train has only {len(eligible)} images "
+            f"with {CAPTIONS_PER_IMAGE} captions (and must keep some): ask for fewer"
+        )
+    chosen = set(sorted(eligible, key=lambda image_id: hashlib.sha256(str(image_id).encode()).digest())[:images])
+    raw.splits["dev"] = RawSplit("dev", [c for c in train.captions if c.image_id in chosen])
+    train.captions = [c for c in train.captions if c.image_id not in chosen]
+    log.info("no dev split in the data: carved %d of %d train images (%d captions) as dev (data.dev_images)",
+             images, len(counts), len(raw.splits["dev"].captions))
+    return images
 
 
 def check_captions(raw: RawDataset) -> list[Problem]:
@@ -149,8 +188,9 @@ def group_by_image(captions: list[Caption]) -> dict[int, list[Caption]]:
     return dict(groups)
 
 
-def scan_images(paths: list[Path], cache_res: int, cache_path: Path, *, desc: str, progress: bool) -> dict[int, str]:
-    """Decode every image once (and fill the cache if `cache_res`); return {position: reason} for bad ones."""
+def scan_images(paths: list[Path], cache_res: int, resize: Resize, cache_path: Path, *, desc: str, progress: bool) -> dict[int, str]:
+    """Decode every image once (and fill the cache with whole images, made square per `resize`, if `cache_res`);
+    return {position: reason} for bad ones."""
     cache = None
     if cache_res:
         cache = np.lib.format.open_memmap(cache_path, mode="w+", dtype=np.uint8, shape=(len(paths), cache_res, cache_res, 3))
@@ -161,7 +201,7 @@ def scan_images(paths: list[Path], cache_res: int, cache_path: Path, *, desc: st
         except DataError as err:
             return str(err).removeprefix(f"{paths[position]}: ")
         if cache is not None:
-            cache[position] = resize_square(image, cache_res)
+            cache[position] = resize_square(image, cache_res, resize)
         return None
 
     bad = {}
@@ -205,23 +245,47 @@ def write_dropped(path: Path, dropped: list[DroppedImage]) -> None:
         writer.writerows((d.split, d.image_id, d.path, d.reason, d.captions) for d in dropped)
 
 
-def caption_stats(captions: list[Caption]) -> dict:
+def caption_stats(captions: list[Caption], tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
+    """Counts and length statistics of a split's captions; with `tokenizer`, also `pieces_per_caption`.
+
+    `pieces_per_caption.counts` maps a length in word pieces (`[CLS]` and `[SEP]` included) to
+    its number of captions: the captions `model.text.max_len` L truncates are those counted at
+    lengths above L, for any L, so the prepared data does not depend on `max_len`.
+    """
     lengths = np.array([len(c.text.split()) for c in captions])
     per_image = Counter(c.image_id for c in captions)
     words = Counter(word for c in captions for word in c.text.lower().split())
-    return {
+    stats = {
         "images": len(per_image),
         "captions": len(captions),
         "captions_per_image": {"min": min(per_image.values()), "max": max(per_image.values())},
-        "words_per_caption": {
-            "mean": round(float(lengths.mean()), 3),
-            "min": int(lengths.min()),
-            "median": float(np.median(lengths)),
-            "p95": float(np.percentile(lengths, 95)),
-            "max": int(lengths.max()),
-        },
+        "words_per_caption": _summary(lengths),
         "vocabulary": len(words),
     }
+    if tokenizer is not None:
+        pieces = piece_lengths([c.text for c in captions], tokenizer)
+        counts = Counter(pieces.tolist())
+        stats["pieces_per_caption"] = _summary(pieces) | {"counts": {str(length): counts[length] for length in sorted(counts)}}
+    return stats
+
+
+def _summary(lengths: np.ndarray) -> dict:
+    return {
+        "mean": round(float(lengths.mean()), 3),
+        "min": int(lengths.min()),
+        "median": float(np.median(lengths)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+    }
+
+
+def recorded_piece_counts(prepared: Path, split: str) -> dict[int, int] | None:
+    """`{length in word pieces: captions}` of a prepared split, as `caption_stats` recorded it; None when not recorded."""
+    stats_path = prepared / "stats.json"
+    if not stats_path.exists():
+        return None
+    recorded = json.loads(stats_path.read_text()).get(split, {}).get("pieces_per_caption")
+    return None if recorded is None else {int(length): n for length, n in recorded["counts"].items()}
 
 
 def format_problems(problems: list[Problem], root: str) -> str:

@@ -9,7 +9,9 @@ Relation rule: object A is "left of" / "right of" B only when the horizontal cen
 separation is at least `RELATION_AXIS_RATIO` times the vertical one AND their horizontal
 extents do not overlap (A lies wholly to one side of B); "above" / "below" likewise
 with the axes swapped. Pairs on a diagonal get no relation, so every stated relation
-is the only one a reader could choose.
+is the only one a reader could choose. Every shape is mirror-symmetric, so a horizontally
+flipped image (training augmentation) is the scene mirrored, whose captions are the
+originals with "left of" and "right of" exchanged (`data.augment.flip_captions: swap`).
 """
 
 from __future__ import annotations

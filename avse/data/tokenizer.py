@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import Tensor
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 from avse.errors import DataError
@@ -122,12 +125,68 @@ def tokenizer_for(text_name: str, text_init: str, prepared: Path) -> PreTrainedT
     return load_tokenizer(source(text_name))
 
 
+def piece_lengths(captions: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """Untruncated length of each caption in word pieces, `[CLS]` and `[SEP]` included: `[n]` int64.
+
+    Tokenisation with `model.text.max_len` L cuts exactly the captions whose length exceeds L.
+    """
+    encoded = tokenizer(list(captions), return_attention_mask=False, return_token_type_ids=False, verbose=False)
+    return np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
+
+
+def augment_caption(caption: str, tokenizer: PreTrainedTokenizerBase, p: float, generator: np.random.Generator) -> list[int]:
+    """Token ids `[CLS] pieces [SEP]` of `caption` with the official AVSE caption augmentation (training only), untruncated.
+
+    The words are the fast tokenizer's pre-tokenisation after normalisation (BERT's basic
+    tokenizer: punctuation is a word of its own). Each word draws one uniform u: u < p selects
+    it, and then u / p < 0.5 replaces every piece of the word by `[MASK]`, < 0.6 replaces every
+    piece by a token drawn uniformly from the whole vocabulary (special tokens included, as the
+    official `random.choice(list(tokenizer.vocab.keys()))`), else deletes the word. At p = 0.2:
+    10 % of words masked, 2 % replaced, 8 % deleted. `[CLS]` and `[SEP]` are never touched.
+
+    Draws from `generator`, in this order: `random(words)`, then `integers(len(tokenizer),
+    size=replaced pieces)`; so an item's own generator (seeded by run seed, epoch and item)
+    makes its augmentation independent of batch composition and worker count.
+    """
+    encoding = tokenizer(caption, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+    ids = np.array(encoding["input_ids"], dtype=np.int64)  # [pieces]
+    word_of = np.array(encoding.word_ids(), dtype=np.int64)  # [pieces] the word each piece belongs to
+    u = generator.random(int(word_of[-1]) + 1 if len(ids) else 0)  # [words]
+    selected = (u < p)[word_of]
+    choice = (u / p if p > 0 else u)[word_of]  # only read where selected, where it lies in [0, 1)
+    mask = selected & (choice < 0.5)
+    replace = selected & (choice >= 0.5) & (choice < 0.6)
+    ids[mask] = tokenizer.mask_token_id
+    ids[replace] = generator.integers(len(tokenizer), size=int(replace.sum()))
+    kept = ids[~(selected & (choice >= 0.6))]
+    return [tokenizer.cls_token_id, *kept.tolist(), tokenizer.sep_token_id]
+
+
 class CaptionTokenizer:
-    """Callable that turns a list of captions into padded `input_ids` and `attention_mask` `[B, L]`."""
+    """Callable that turns a list of captions into padded `input_ids` and `attention_mask` `[B, L]`.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
+    `max_len` caps L, `[CLS]` and `[SEP]` included (0: no truncation, L is the batch's longest
+    caption). `augment` is `data.caption_augment`, the word probability of `augment_caption`;
+    it applies only to calls that pass generators (training batches), never to evaluation.
+    """
 
-    def __call__(self, captions: list[str]):
-        encoded = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
-        return encoded["input_ids"], encoded["attention_mask"]
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_len: int, augment: float = 0.0):
+        self.tokenizer, self.max_len, self.augment = tokenizer, max_len, augment
+
+    def __call__(self, captions: list[str], generators: Sequence[np.random.Generator] | None = None) -> tuple[Tensor, Tensor]:
+        """`captions` `[B]` (and one generator per caption, to augment) -> `input_ids`, `attention_mask` `[B, L]` int64."""
+        if generators is None or not self.augment:
+            encoded = self.tokenizer(captions, padding=True, truncation=self.max_len > 0, max_length=self.max_len or None, return_tensors="pt")
+            return encoded["input_ids"], encoded["attention_mask"]
+        if len(generators) != len(captions):
+            raise ValueError(f"{len(generators)} generators for {len(captions)} captions; give one per caption")
+        rows = [augment_caption(caption, self.tokenizer, self.augment, g) for caption, g in zip(captions, generators)]
+        if self.max_len:  # as the tokenizer truncates: the first max_len - 2 pieces between [CLS] and [SEP]
+            rows = [row if len(row) <= self.max_len else row[: self.max_len - 1] + row[-1:] for row in rows]
+        length = max(map(len, rows))
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        return input_ids, attention_mask

@@ -11,6 +11,7 @@ from avse.progress import progress as progress_bar
 
 from avse.compute import autocast
 from avse.data.dataset import ImageDataset, PreparedSplit
+from avse.data.images import Resize
 from avse.config import Config
 from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
 from avse.model.avse import AVSE, from_checkpoint
@@ -29,12 +30,13 @@ def load_trained(models_dir: Path) -> tuple[AVSE, Config, CaptionTokenizer, dict
 @torch.no_grad()
 def encode_images(
     model: AVSE, split: PreparedSplit, resolution: int, batch_size: int, device: torch.device,
-    dtype: torch.dtype = torch.float32, num_workers: int = 0, progress: bool = False,
+    dtype: torch.dtype = torch.float32, num_workers: int = 0, progress: bool = False, *, resize: Resize,
 ) -> Tensor:
-    """`[n_images, views * embed_size]` float32 on the CPU, in the split's image order."""
+    """`[n_images, views * embed_size]` float32 on the CPU, in the split's image order; each whole image made
+    square per `resize` (`data.resize`), never augmented."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(ImageDataset(split, resolution), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ImageDataset(split, resolution, resize), batch_size=batch_size, num_workers=num_workers)
     chunks = []
     for images, _ in progress_bar(loader, desc=f"images {split.name}", disable=not progress, unit="batch"):
         with autocast(device, dtype):

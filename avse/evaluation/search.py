@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from avse.data.dataset import PreparedSplit, to_tensor
-from avse.data.images import load_rgb, resize_square
+from avse.data.images import Resize, load_rgb, resize_square
 from avse.data.tokenizer import CaptionTokenizer
 from avse.evaluation.embed import encode_captions, encode_images, load_trained
 from avse.evaluation.evaluate import Embeddings
@@ -27,23 +27,25 @@ class Hit:
 
 
 class SearchIndex:
-    def __init__(self, model: AVSE, img_res: int, tokenize: CaptionTokenizer, embeddings: Embeddings, split: PreparedSplit):
-        self.model, self.img_res, self.tokenize = model, img_res, tokenize
+    def __init__(self, model: AVSE, img_res: int, resize: Resize, tokenize: CaptionTokenizer, embeddings: Embeddings, split: PreparedSplit):
+        """`img_res` and `resize`: how the model was trained to see images (its `data.img_res`, `data.resize`)."""
+        self.model, self.img_res, self.resize, self.tokenize = model, img_res, resize, tokenize
         self.embeddings, self.split = embeddings, split
 
     @classmethod
     def load(cls, models_dir: Path, embeddings_dir: Path, split: PreparedSplit) -> "SearchIndex":
         model, trained, tokenize, _ = load_trained(models_dir)
-        return cls(model, trained.data.img_res, tokenize, Embeddings.load(embeddings_dir), split)
+        return cls(model, trained.data.img_res, trained.data.resize, tokenize, Embeddings.load(embeddings_dir), split)
 
     @classmethod
     def embed(cls, model: "EmbeddingModel", split: PreparedSplit, batch_size: int) -> "SearchIndex":
         """An index of `split` embedded with a loaded MLflow model (`avse.serving`), as the embed stage would."""
         cpu = torch.device("cpu")
-        images = encode_images(model.model, split, model.img_res, batch_size, cpu, progress=True)
+        resize = model.trained.data.resize
+        images = encode_images(model.model, split, model.img_res, batch_size, cpu, progress=True, resize=resize)
         captions = encode_captions(model.model, split.captions, model.tokenize, batch_size, cpu, progress=True)
         embeddings = Embeddings(images, torch.from_numpy(split.image_ids), captions, torch.from_numpy(split.caption_image), {})
-        return cls(model.model, model.img_res, model.tokenize, embeddings, split)
+        return cls(model.model, model.img_res, resize, model.tokenize, embeddings, split)
 
     def text_to_images(self, query: str, k: int) -> list[Hit]:
         """The `k` images scoring highest against the caption `query`."""
@@ -55,7 +57,7 @@ class SearchIndex:
 
     def image_to_captions(self, image_path: str | Path, k: int) -> list[Hit]:
         """The `k` captions scoring highest against the image file."""
-        pixels = to_tensor(resize_square(load_rgb(image_path), self.img_res))[None]  # [1, 3, R, R]
+        pixels = to_tensor(resize_square(load_rgb(image_path), self.img_res, self.resize))[None]  # [1, 3, R, R]
         with torch.no_grad():
             img = self.model.encode_image(pixels)  # [1, Di]
             scores = self.model.similarity(img, self.embeddings.captions)[0]  # [n_captions]

@@ -83,9 +83,9 @@ def build_model(config: Config, vocab_size: int | None, vision_image_size: int |
     image_encoder = ImageEncoder(
         vision, family, img_res, model_cfg.embed_size, model_cfg.views,
         model_cfg.keep_ratio, model_cfg.eval_keep_ratio, model_cfg.alpha, model_cfg.size_augment,
-        model_cfg.vision_final_norm,
+        model_cfg.vision_final_norm, model_cfg.view_sampling, model_cfg.keep_count, model_cfg.pixel_stats,
     )
-    text_encoder = TextEncoder(text, model_cfg.embed_size, model_cfg.text_mlp_norm)
+    text_encoder = TextEncoder(text, model_cfg.embed_size, model_cfg.text_mlp_norm, model_cfg.text_dropout)
     model = AVSE(image_encoder, text_encoder, model_cfg.block_dim, model_cfg.matching, model_cfg.sinkhorn_iters)
     # Parameters the configured objective never uses must not expect gradients (DDP checks).
     model.logit_scale.requires_grad_(config.train.loss == "infonce")

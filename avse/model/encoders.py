@@ -2,8 +2,8 @@
 
 Image: the backbone's patch tokens are split into `views` partial views by radial bias
 sampling; each view is projected and pooled on its own and L2-normalised, and the views
-are concatenated: `[B, views * embed_size]`. Text: BERT token features -> linear + a
-2-layer MLP residual -> GPO -> LayerNorm: `[B, embed_size]`.
+are concatenated: `[B, views * embed_size]`. Text: BERT token features -> dropout -> linear
++ a 2-layer MLP residual -> GPO -> LayerNorm: `[B, embed_size]`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from avse.errors import ConfigError
+from avse.errors import ConfigError, DataError
 from avse.model.pooling import GPO, random_token_drop
 from avse.model.sampling import gather_views, keep_count, radial_bias_indices, view_centres
 
-# Pixel normalisation each backbone family was pretrained with.
+# ImageNet mean and std of RGB in [0, 1]: Swin's, and the official AVSE code's for every backbone.
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# Pixel normalisation each backbone family was pretrained with (`model.pixel_stats: backbone`).
 PIXEL_STATS = {
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "swin": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "swin": IMAGENET_STATS,
 }
 
 
@@ -46,7 +48,12 @@ class MLP(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Multi-view image encoder over a ViT or Swin backbone."""
+    """Multi-view image encoder over a ViT or Swin backbone.
+
+    `view_sampling` (`gumbel | nearest`), `keep_rule` (`patches | tokens`, see
+    `sampling.keep_count`) and `pixel_stats` (`backbone | imagenet`) are the parameters
+    `model.view_sampling`, `model.keep_count` and `model.pixel_stats`.
+    """
 
     def __init__(
         self,
@@ -60,6 +67,9 @@ class ImageEncoder(nn.Module):
         alpha: float,
         size_augment: bool,
         final_norm: bool = True,
+        view_sampling: str = "gumbel",
+        keep_rule: str = "patches",
+        pixel_stats: str = "backbone",
     ):
         super().__init__()
         if not final_norm and family != "vit":
@@ -67,6 +77,7 @@ class ImageEncoder(nn.Module):
         self.backbone, self.family, self.img_res, self.final_norm = backbone, family, img_res, final_norm
         self.views, self.alpha, self.size_augment = views, alpha, size_augment
         self.keep_ratio, self.eval_keep_ratio = keep_ratio, eval_keep_ratio
+        self.view_sampling, self.keep_rule = view_sampling, keep_rule
         config = backbone.config
         if family == "vit":
             self.grid = img_res // config.patch_size
@@ -78,7 +89,7 @@ class ImageEncoder(nn.Module):
             self.grid = img_res // config.patch_size // 2 ** (len(config.depths) - 1)
             self.num_prefix = 0
             hidden = backbone.num_features
-        mean, std = PIXEL_STATS[family]
+        mean, std = IMAGENET_STATS if pixel_stats == "imagenet" else PIXEL_STATS[family]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.proj = nn.Linear(hidden, embed_size)
@@ -90,10 +101,10 @@ class ImageEncoder(nn.Module):
 
     def view_tokens(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Backbone features of every view: `[B * V, n, hidden]` (views of an image consecutive) and the kept patch indices `[B, V, k]`."""
-        batch = pixels.size(0)
-        keep = keep_count(self.keep_ratio if self.training else self.eval_keep_ratio, self.grid, self.grid)
-        centres = view_centres(batch, self.views, self.grid, self.grid, train=self.training, generator=generator, device=pixels.device)
-        indices = radial_bias_indices(centres, self.grid, self.grid, keep, self.alpha, noise=self.training, generator=generator)  # [B, V, k]
+        batch, train, nearest = pixels.size(0), self.training, self.view_sampling == "nearest"
+        keep = keep_count(self.keep_ratio if train else self.eval_keep_ratio, self.grid, self.grid, self.keep_rule, self.num_prefix)
+        centres = view_centres(batch, self.views, self.grid, self.grid, train=train, at_patches=nearest, generator=generator, device=pixels.device)
+        indices = radial_bias_indices(centres, self.grid, self.grid, keep, self.alpha, noise=train and not nearest, generator=generator)  # [B, V, k]
         if self.family == "vit":
             vit = self.backbone
             tokens = vit.embeddings(pixels, interpolate_pos_encoding=self.interpolate)  # [B, 1 + P, hidden]
@@ -119,12 +130,17 @@ class ImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """BERT token features -> linear + MLP residual -> GPO -> LayerNorm."""
+    """BERT token features -> dropout -> linear + MLP residual -> GPO -> LayerNorm.
 
-    def __init__(self, backbone: PreTrainedModel, embed_size: int, mlp_norm: str = "layer"):
+    `dropout` (`model.text_dropout`) acts on BERT's output features, shared by the linear and
+    MLP branches, as the official code's `nn.Dropout(0.2)`; it is the identity at evaluation.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, embed_size: int, mlp_norm: str = "layer", dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden, embed_size)
         self.mlp = MLP(hidden, embed_size // 2, embed_size, layers=2, norm=mlp_norm)
         self.gpo = GPO()
@@ -132,7 +148,13 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """`[B, L]` token ids and mask -> `[B, E]`."""
-        tokens = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, hidden]
+        positions = self.backbone.config.max_position_embeddings
+        if input_ids.size(1) > positions:  # reachable with model.text.max_len: 0; BERT would fail with an index error
+            raise DataError(
+                f"a caption of {input_ids.size(1)} word pieces is longer than the text backbone's {positions} positions "
+                f"(model.text.max_len: 0 does not truncate); set model.text.max_len to at most {positions}"
+            )
+        tokens = self.dropout(self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)  # [B, L, hidden]
         features = self.fc(tokens) + self.mlp(tokens)  # [B, L, E]
         lengths = attention_mask.sum(dim=1)  # [B]
         pooled, _ = self.gpo(features, lengths)  # [B, E]

@@ -107,3 +107,41 @@ def multi_view_decorrelation(views: Tensor, eps: float = 1e-5) -> Tensor:
     eye = torch.eye(dim, device=views.device)
     return ((corr - eye) ** 2).sum(dim=(1, 2)).mean() / dim
 
+
+def official_decorrelation(views: Tensor, eps: float = 1e-8, off_diagonal_weight: float = 0.0051) -> Tensor:
+    """The official AVSE code's view decorrelation (``forward_loss`` in its ``lib/vse.py``).
+
+    Each view's embedding ``[B, D]`` has every dimension (column) divided by its L2 norm
+    over the batch plus ``eps`` (its ``l2norm(x, 0)``; no centring); for a pair
+    ``(a, b)``, ``C = a_n^T b_n / B`` and the loss is ``sum_i (C_ii - 1)^2 +
+    0.0051 * sum_{i != j} C_ij^2``. The official code has exactly 2 views; with more,
+    this is the mean over the ``V * (V - 1) / 2`` pairs (as :func:`multi_view_decorrelation`).
+    The official code adds it to the retrieval loss with weight 1; here
+    ``train.decorrelation_weight`` multiplies it, so ``1`` reproduces the paper.
+
+    Floor: the columns are unit vectors, so ``|C_ij| <= 1 / B`` (Cauchy-Schwarz): dividing
+    by ``B`` after normalising puts the identity out of reach, and the diagonal term is at
+    least ``D * (1 - 1 / B)^2`` (1008.06 at ``B = 128``, ``D = 1024``), reached when each
+    dimension's column is the same in both views. At random initialisation it is already
+    near that floor (1008.8 for a random model at ``B = 128``, ``D = 1024``: its embeddings
+    hardly vary over the batch, so the views' columns align; 1024.0 for independent
+    random columns). It mostly rewards aligning the views' columns, not decorrelating
+    dimensions: each off-diagonal term is at most ``0.0051 / B^2``.
+
+    Args:
+        views: ``[B, V, D]`` embeddings of ``V`` views of the same ``B`` images.
+
+    Returns:
+        Scalar float32; 0 for ``V = 1``.
+    """
+    batch, num_views, dim = views.shape
+    if num_views < 2:
+        return views.new_zeros((), dtype=torch.float32)
+    x = views.float()
+    x = x / (x.norm(dim=0, keepdim=True) + eps)  # [B, V, D], unit columns over the batch
+    first, second = torch.triu_indices(num_views, num_views, offset=1, device=views.device)  # [pairs] each
+    corr = torch.einsum("bpd,bpe->pde", x[:, first], x[:, second]) / batch  # [pairs, D, D]
+    diagonal = corr.diagonal(dim1=1, dim2=2)  # [pairs, D]
+    on = ((diagonal - 1) ** 2).sum(dim=1)  # [pairs]
+    off = corr.masked_fill(torch.eye(dim, dtype=torch.bool, device=views.device), 0.0).square().sum(dim=(1, 2))  # [pairs]
+    return (on + off_diagonal_weight * off).mean()

@@ -4,7 +4,9 @@ The official training script saves `{"model": state_dict, "opt": argparse.Namesp
 ...}` with its own module names (`img_enc.visual_encoder`, `txt_enc.bert`, ...) and the
 backbones' names of transformers 4 (`encoder.layer.N.attention.attention.query`). Its
 model skips ViT's final LayerNorm and uses BatchNorm in the text MLP, so an imported
-model sets `model.vision_final_norm: false` and `model.text_mlp_norm: batch`.
+model sets `model.vision_final_norm: false` and `model.text_mlp_norm: batch`; it sees
+images and captions as the official code does: ImageNet pixel statistics, whole images
+stretched to a square, captions never truncated, and its keep count (`tokens`).
 """
 
 from __future__ import annotations
@@ -87,10 +89,12 @@ def options(content: dict[str, Any]) -> dict[str, Any]:
 
 
 def settings(opt: dict[str, Any]) -> list[str]:
-    """`-S` overrides that rebuild the official model from its options."""
+    """`-S` overrides that rebuild the official model, and the way it sees its inputs, from its options."""
     overrides = ["model.views=2", "model.block_dim=256", "model.keep_ratio=0.8", "model.eval_keep_ratio=0.9",
                  "model.alpha=4.0", "model.matching=max", "model.vision_final_norm=false", "model.text_mlp_norm=batch",
-                 "model.vision.init=random", "model.text.name=bert-base-uncased", "model.text.init=pretrained"]
+                 "model.view_sampling=nearest", "model.keep_count=tokens", "model.pixel_stats=imagenet",
+                 "model.vision.init=random", "model.text.name=bert-base-uncased", "model.text.init=pretrained",
+                 "model.text.max_len=0", "data.resize=stretch"]
     known = {"vit_type": "model.vision.name", "embed_size": "model.embed_size", "img_res": "data.img_res",
              "dataset": "data.dataset"}
     overrides += [f"{key}={opt[name]}" for name, key in known.items() if opt.get(name) is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
@@ -13,12 +14,16 @@ from avse.training.distributed import DistContext
 from avse.training.seeding import Draw, derive_seed
 
 
-class GlobalBatchSampler(Sampler[int]):
+class GlobalBatchSampler(Sampler[tuple[int, int]]):
     """A per-epoch shuffle cut into global batches of `world * batch_size`; each rank takes its contiguous slice.
 
     The same seed and epoch give the same global batches for any number of processes,
     and an epoch can start at any batch (resuming mid-epoch). The last partial global
     batch is dropped, so every step has a full batch of negatives.
+
+    Yields `(caption index, item seed)` keys for `PairDataset`; the item seed, derived from
+    (seed, Draw.AUGMENT, epoch, index), decides the item's augmentation. The sampler runs in
+    the main process, so the epoch reaches persistent loader workers through the keys.
     """
 
     def __init__(self, size: int, batch_size: int, ctx: DistContext, seed: int, accumulation: int = 1):
@@ -34,22 +39,25 @@ class GlobalBatchSampler(Sampler[int]):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         shuffle = torch.Generator().manual_seed(derive_seed(self.seed, Draw.SHUFFLE, self.epoch))
         order = torch.randperm(self.size, generator=shuffle).tolist()
         offset = self.ctx.rank * self.batch_size
         for batch in range(self.start_batch, self.batches_per_epoch):
             start = batch * self.global_batch + offset
-            yield from order[start : start + self.batch_size]
+            for index in order[start : start + self.batch_size]:
+                yield index, derive_seed(self.seed, Draw.AUGMENT, self.epoch, index)
 
 
 class Collate:
-    """Stack images, tokenize captions, keep image positions as the caption groups."""
+    """Stack images, tokenize (and augment) captions, keep image positions as the caption groups."""
 
     def __init__(self, tokenize: CaptionTokenizer):
         self.tokenize = tokenize
 
-    def __call__(self, items: list[tuple[Tensor, str, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        images, captions, positions = zip(*items)
-        input_ids, attention_mask = self.tokenize(list(captions))
+    def __call__(self, items: list[tuple[Tensor, str, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        images, captions, positions, item_seeds = zip(*items)
+        # A stream of its own per item: the caption's draws do not follow from its image's crop and flip.
+        generators = [np.random.default_rng(derive_seed(seed, Draw.CAPTION)) for seed in item_seeds] if self.tokenize.augment else None
+        input_ids, attention_mask = self.tokenize(list(captions), generators)
         return torch.stack(images), input_ids, attention_mask, torch.tensor(positions)

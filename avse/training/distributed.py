@@ -74,8 +74,9 @@ def gather_batch(x: Tensor, ctx: DistContext) -> Tensor:
         return x
     parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
     dist.all_gather(parts, x.detach().contiguous())
-    own = x.detach()
-    parts[ctx.rank] = own + (x - own) * ctx.world_size  # the value of x, with the gradient scaled
+    if x.requires_grad:
+        own = x.detach()
+        parts[ctx.rank] = own + (x - own) * ctx.world_size  # the value of x, with the gradient scaled
     return torch.cat(parts)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from avse.compute import resolve_precision, retain_freed_memory
 from avse.config import Config
+from avse.model import backbones
 from avse.model.avse import build_model
 from avse.training.distributed import DistContext, init_distributed
 from avse.training.loop import forward_backward, optimizer_step
@@ -21,8 +22,13 @@ from avse.training.seeding import set_deterministic
 
 
 def random_batch(config: Config, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """uint8 images `[b, 3, R, R]`, token ids and mask `[b, max_len]`, distinct image groups `[b]`."""
+    """uint8 images `[b, 3, R, R]`, token ids and mask `[b, L]`, distinct image groups `[b]`.
+
+    L is `model.text.max_len`; with 0 (no truncation), the text backbone's position limit: the worst case.
+    """
     b, res, length = config.train.batch_size, config.data.img_res, config.model.text.max_len
+    if length == 0:
+        length = backbones.load_config(config.model.text, "model.text", ("bert",))[1].max_position_embeddings
     images = torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, device=device)
     input_ids = torch.randint(5, vocab_size, (b, length), device=device)
     return images, input_ids, torch.ones_like(input_ids), torch.arange(b, device=device)

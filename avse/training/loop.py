@@ -13,21 +13,23 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from avse.compute import autocast, resolve_precision, retain_freed_memory
 from avse.config import Config
 from avse.data.dataset import PairDataset, PreparedSplit
-from avse.data.prepare import prepared_dir
-from avse.data.tokenizer import CaptionTokenizer, tokenizer_for
-from avse.errors import AvseError
+from avse.data.prepare import prepared_dir, recorded_piece_counts
+from avse.data.tokenizer import CaptionTokenizer, piece_lengths, tokenizer_for
+from avse.errors import AvseError, DataError
 from avse.evaluation.embed import encode_captions, encode_images
 from avse.evaluation.recall import recall_metrics
 from avse.io import atomic_path, write_json
@@ -107,11 +109,37 @@ def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.
 
 def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer, config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Recall metrics of the model on a prepared evaluation split (5 captions per image)."""
-    img = encode_images(model, split, config.data.img_res, config.embed.batch_size, device, dtype)
+    img = encode_images(model, split, config.data.img_res, config.embed.batch_size, device, dtype, resize=config.data.resize)
     cap = encode_captions(model, split.captions, tokenize, config.embed.batch_size, device, dtype)
     with torch.no_grad():
         sims = model.similarity(img.to(device), cap.to(device), chunk_size=config.eval.chunk_size)
     return recall_metrics(sims.cpu())
+
+
+def caption_length_report(split: PreparedSplit, prepared: Path, config: Config, tokenizer: PreTrainedTokenizerBase, positions: int) -> str:
+    """One log line: how many of `split`'s captions `model.text.max_len` truncates, and the longest, in word pieces.
+
+    The lengths are prepare's record (stats.json) when prepare trained the tokenizer in use,
+    else counted now. With `max_len: 0` (no truncation), a caption longer than the text
+    backbone's `positions` raises DataError naming its line in `{split}.csv`.
+    """
+    counts = recorded_piece_counts(prepared, split.name) if config.model.text.init == "random" else None
+    if counts is None:
+        counts = Counter(piece_lengths(split.captions, tokenizer).tolist())
+    max_len, longest = config.model.text.max_len, max(counts)
+    if max_len == 0 and longest > positions:
+        lengths = piece_lengths(split.captions, tokenizer)
+        row = int(np.flatnonzero(lengths > positions)[0])
+        raise DataError(
+            f"{prepared / f'{split.name}.csv'} line {row + 2}: a caption of {lengths[row]} word pieces is longer than "
+            f"{config.model.text.name}'s {positions} positions, and model.text.max_len: 0 does not truncate; "
+            f"set model.text.max_len to at most {positions}"
+        )
+    if max_len == 0:
+        return f"{split.name}: model.text.max_len is 0, so no caption is truncated (longest {longest} word pieces)"
+    cut = sum(n for length, n in counts.items() if length > max_len)
+    return (f"{split.name}: {cut} of {sum(counts.values())} captions are longer than model.text.max_len {max_len} "
+            f"word pieces (longest {longest})" + ("; they are truncated" if cut else ""))
 
 
 def model_metadata(config: Config, state: TrainState) -> dict:
@@ -130,14 +158,11 @@ def train(config: Config, out_dir: Path) -> TrainState:
 
     # Data
     prepared = prepared_dir(config)
-    tokenize = CaptionTokenizer(tokenizer_for(config.model.text.name, config.model.text.init, prepared), config.model.text.max_len)
+    tokenize = CaptionTokenizer(tokenizer_for(config.model.text.name, config.model.text.init, prepared),
+                                config.model.text.max_len, config.data.caption_augment)
     train_split = PreparedSplit.load(prepared, "train")
     dev_split = PreparedSplit.load(prepared, "dev")
-    dataset = PairDataset(train_split, config.data.img_res)
-    cache_side = np.load(train_split.cache, mmap_mode="r").shape[1] if train_split.cache else None
-    if cache_side is not None and cache_side < config.data.img_res and ctx.is_main:
-        log.warning("the prepared image cache is %d px but data.img_res is %d: images are upscaled; "
-                    "prepare again with data.cache_res >= %d (or 0)", cache_side, config.data.img_res, config.data.img_res)
+    dataset = PairDataset(train_split, config.data.img_res, config.data.resize, config.data.augment)
     sampler = GlobalBatchSampler(len(dataset), train_cfg.batch_size, ctx, train_cfg.seed, train_cfg.grad_accum)
     if sampler.batches_per_epoch == 0:
         raise TrainingError(
@@ -158,6 +183,12 @@ def train(config: Config, out_dir: Path) -> TrainState:
     set_deterministic(train_cfg.deterministic, ctx.device)
     seed_draws(train_cfg.seed, Draw.INIT)  # every rank starts from the same weights
     model = build_model(config, len(tokenize.tokenizer)).to(ctx.device)
+    # Rank 0 logs what model.text.max_len truncates; with no truncation, every rank checks that the captions fit alike.
+    positions = model.text_encoder.backbone.config.max_position_embeddings
+    for split in (train_split, dev_split) if config.model.text.max_len == 0 else (train_split,) if ctx.is_main else ():
+        report = caption_length_report(split, prepared, config, tokenize.tokenizer, positions)
+        if ctx.is_main and split is train_split:
+            log.info(report)
     optimizer = build_optimizer(model, train_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from avse.config import Config
 from avse.model.avse import AVSE
-from avse.model.losses import hinge_triplet_loss, infonce_loss, multi_view_decorrelation
+from avse.model.losses import hinge_triplet_loss, infonce_loss, multi_view_decorrelation, official_decorrelation
 from avse.training.distributed import DistContext, gather_batch
 
 
@@ -34,5 +34,6 @@ def contrastive_loss(model: AVSE, img: Tensor, cap: Tensor, groups: Tensor, ctx:
     views = model.image_encoder.views
     if views > 1 and train.decorrelation_weight > 0:
         per_view = all_img.view(all_img.size(0), views, -1)  # [B, V, E]
-        loss = loss + train.decorrelation_weight * multi_view_decorrelation(per_view)
+        decorrelation = official_decorrelation if train.decorrelation == "official" else multi_view_decorrelation
+        loss = loss + train.decorrelation_weight * decorrelation(per_view)
     return loss

@@ -1,9 +1,10 @@
 """Where a run's randomness comes from, and the switches that make its arithmetic repeat exactly.
 
-Every random draw of training (initial weights, views, token drop, dropout) comes from
-a seed derived from `train.seed` and the draw's position: what it is for, and for
-per-batch draws the rank, epoch and batch. The same run, resumed or not, with the
-loader in the main process or in workers, therefore draws the same numbers.
+Every random draw of training (initial weights, augmentation, views, token drop, dropout)
+comes from a seed derived from `train.seed` and the draw's position: what it is for, and
+for per-batch draws the rank, epoch and batch (for an item's augmentation the epoch and
+caption index, whatever the rank). The same run, resumed or not, with the loader in the
+main process or in workers, therefore draws the same numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Draw(enum.IntEnum):
     INIT = 0  # the model's initial weights
     BATCH = 1  # the random parts of one training batch's forward pass
     SHUFFLE = 2  # the order of an epoch's training captions
+    AUGMENT = 3  # one training item's image augmentation, at (epoch, caption index)
+    CAPTION = 4  # one training item's caption augmentation, derived from its AUGMENT seed
 
 
 def derive_seed(seed: int, purpose: Draw, *position: int) -> int:
