@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from avse.config import Config
-from avse.errors import AvseError
+from avse.errors import AvseError, ConfigError
 
 log = logging.getLogger("avse")
 
@@ -78,6 +78,9 @@ def embed(config: Config) -> None:
     retain_freed_memory()
 
     model, trained, tokenize, checkpoint = load_trained(MODELS)
+    if config.data.resize != trained.data.resize:  # the images would not be made square as the model saw them
+        raise ConfigError(f"data.resize: {config.data.resize}, but {MODELS / 'best.pt'} was trained with {trained.data.resize}; "
+                          f"prepare and embed with -S data.resize={trained.data.resize}")
     check_image_cache(prepared_dir(config), [config.embed.split], config.data.cache_res, trained.data.img_res)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -1,6 +1,7 @@
 """`avse import-checkpoint`: checkpoints of the official AVSE code, in its layout and transformers-4 names."""
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from avse import pipeline
 from avse.config import BackboneConfig, load_config
 from avse.data.dataset import ImageDataset, PreparedSplit
 from avse.data.tokenizer import train_wordpiece
-from avse.errors import AvseError
+from avse.data.images import load_rgb, resize_square
+from avse.errors import AvseError, ConfigError
 from avse.evaluation.embed import load_trained
 from avse.model import backbones, official
 from avse.model.avse import build_model
@@ -253,3 +255,31 @@ def test_imported_embeddings_of_jpeg_files_match_the_official_preprocessing_and_
         assert mean_view_cosine() >= 0.999
         imported.image_encoder.pixel_mean.fill_(0.5), imported.image_encoder.pixel_std.fill_(0.5)  # ViT's own statistics
         assert mean_view_cosine() < 0.99
+
+
+def test_the_readme_import_path_embeds_whole_jpeg_files_at_the_checkpoints_resolution(tmp_path, bert_folder, monkeypatch):
+    """`avse prepare $F30K $JPEG`, `avse import-checkpoint ...`, `avse embed $F30K $JPEG` on real-sized photos."""
+    monkeypatch.chdir(tmp_path)
+    options = {**OPTIONS, "img_res": 112}
+    source = save_official(tmp_path / "model_best.pth", reference_model(bert_folder, options), options)
+    paths = write_photos(tmp_path)  # 500 x 375 and the like
+    captions = tmp_path / "f30k"
+    captions.mkdir()
+    (captions / "test_caps.txt").write_text("".join(f"photo {i}, caption {k}\n" for i in range(len(paths)) for k in range(5)))
+    (captions / "test_ids.txt").write_text("".join(f"{i}\n" for i in range(len(paths)) for _ in range(5)))
+    (captions / "id_mapping.json").write_text(json.dumps({str(i): path.name for i, path in enumerate(paths)}))
+    overrides = ["data.dataset=f30k", f"data.root={captions}", f"data.images={tmp_path}", "data.cache_res=0",
+                 f"model.text.name={bert_folder}", "tracking.enabled=false"]
+    config = load_config(REPO / "params.yaml", overrides)
+    pipeline.prepare(config)
+    pipeline.import_checkpoint(source, REPO / "params.yaml", overrides, out_dir=tmp_path / "models")
+    pipeline.embed(config)
+
+    imported, trained, _, _ = load_trained(tmp_path / "models")
+    whole = torch.stack([torch.from_numpy(resize_square(load_rgb(p), 112, "stretch")).permute(2, 0, 1) for p in paths])
+    with torch.no_grad():
+        expected = imported.encode_image(whole)
+    embedded = torch.load(tmp_path / "embeddings" / "test" / "images.pt")["embeddings"]
+    assert trained.data.img_res == 112 and torch.equal(embedded, expected)
+    with pytest.raises(ConfigError, match=r"^data\.cache_res: 64 is smaller than data\.img_res: 112; prepare with -S data\.cache_res=112"):
+        pipeline.embed(load_config(REPO / "params.yaml", [*overrides, "data.cache_res=64"]))

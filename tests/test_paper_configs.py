@@ -36,7 +36,13 @@ def test_each_paper_configuration_is_valid(name):
     assert config.data.dataset == dataset
     assert backbone in config.model.vision.name and config.model.vision.init == "pretrained"
     assert (config.model.text.name, config.model.embed_size, config.model.block_dim) == ("bert-base-uncased", 1024, 256)
-    assert config.train.decorrelation_weight == 0.005
+    # The official training recipe, item by item (the README's table).
+    assert (config.train.decorrelation, config.train.decorrelation_weight) == ("official", 1.0)
+    assert (config.data.resize, config.data.augment.crop, config.data.augment.flip, config.data.augment.flip_captions) == (
+        "stretch", True, True, "keep")
+    assert (config.data.cache_res, config.data.caption_augment, config.model.text_dropout, config.model.text.max_len) == (0, 0.2, 0.2, 0)
+    assert (config.model.view_sampling, config.model.keep_count, config.model.pixel_stats) == ("nearest", "tokens", "imagenet")
+    assert config.model.text_mlp_norm == "batch" and config.model.vision_final_norm == (backbone != "vit")
     assert (config.train.lr_schedule, config.train.epochs) == ("step", 30)
     # The paper's global batch of 128, split over the processes of the multi-GPU rows.
     assert config.train.batch_size * config.train.nproc_per_node == 128

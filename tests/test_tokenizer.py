@@ -12,7 +12,7 @@ from conftest import F30K_FIXTURES, make_config
 from avse.data.dataset import PreparedSplit
 from avse.data.tokenizer import CaptionTokenizer, augment_caption, piece_lengths, train_wordpiece
 from avse.errors import ConfigError, DataError
-from avse.training.loop import caption_length_report
+from avse.data.prepare import caption_length_report
 
 # Multi-piece words (gauges, blitz, crocheted, multi), punctuation, an accent and an apostrophe.
 CAPTIONS = [

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
-from avse.progress import progress as progress_bar
 
 from avse.config import Config
+from avse.data.dataset import PreparedSplit
 from avse.data.formats import (
     CAPTIONS_PER_IMAGE,
     EVAL_SPLITS,
@@ -43,6 +43,7 @@ from avse.data.images import Resize, load_rgb, resize_square
 from avse.data.tokenizer import piece_lengths
 from avse.errors import DataError
 from avse.io import atomic_path
+from avse.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,32 @@ def recorded_piece_counts(prepared: Path, split: str) -> dict[int, int] | None:
         return None
     recorded = json.loads(stats_path.read_text()).get(split, {}).get("pieces_per_caption")
     return None if recorded is None else {int(length): n for length, n in recorded["counts"].items()}
+
+
+def caption_length_report(split: PreparedSplit, prepared: Path, config: Config, tokenizer: PreTrainedTokenizerBase, positions: int) -> str:
+    """One log line: how many of `split`'s captions `model.text.max_len` truncates, and the longest, in word pieces.
+
+    The lengths are prepare's record (stats.json) when prepare trained the tokenizer in use,
+    else counted now. With `max_len: 0` (no truncation), a caption longer than the text
+    backbone's `positions` raises DataError naming its line in `{split}.csv`.
+    """
+    counts = recorded_piece_counts(prepared, split.name) if config.model.text.init == "random" else None
+    if counts is None:
+        counts = Counter(piece_lengths(split.captions, tokenizer).tolist())
+    max_len, longest = config.model.text.max_len, max(counts)
+    if max_len == 0 and longest > positions:
+        lengths = piece_lengths(split.captions, tokenizer)
+        row = int(np.flatnonzero(lengths > positions)[0])
+        raise DataError(
+            f"{prepared / f'{split.name}.csv'} line {row + 2}: a caption of {lengths[row]} word pieces is longer than "
+            f"{config.model.text.name}'s {positions} positions, and model.text.max_len: 0 does not truncate; "
+            f"set model.text.max_len to at most {positions}"
+        )
+    if max_len == 0:
+        return f"{split.name}: model.text.max_len is 0, so no caption is truncated (longest {longest} word pieces)"
+    cut = sum(n for length, n in counts.items() if length > max_len)
+    return (f"{split.name}: {cut} of {sum(counts.values())} captions are longer than model.text.max_len {max_len} "
+            f"word pieces (longest {longest})" + ("; they are truncated" if cut else ""))
 
 
 def format_problems(problems: list[Problem], root: str) -> str:

@@ -13,23 +13,21 @@ import contextlib
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from avse.compute import autocast, resolve_precision, retain_freed_memory
 from avse.config import Config
 from avse.data.dataset import PairDataset, PreparedSplit
-from avse.data.prepare import prepared_dir, recorded_piece_counts
-from avse.data.tokenizer import CaptionTokenizer, piece_lengths, tokenizer_for
-from avse.errors import AvseError, DataError
+from avse.data.prepare import caption_length_report, prepared_dir
+from avse.data.tokenizer import CaptionTokenizer, tokenizer_for
+from avse.errors import AvseError
 from avse.evaluation.embed import encode_captions, encode_images
 from avse.evaluation.recall import recall_metrics
 from avse.io import atomic_path, write_json
@@ -114,32 +112,6 @@ def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer
     with torch.no_grad():
         sims = model.similarity(img.to(device), cap.to(device), chunk_size=config.eval.chunk_size)
     return recall_metrics(sims.cpu())
-
-
-def caption_length_report(split: PreparedSplit, prepared: Path, config: Config, tokenizer: PreTrainedTokenizerBase, positions: int) -> str:
-    """One log line: how many of `split`'s captions `model.text.max_len` truncates, and the longest, in word pieces.
-
-    The lengths are prepare's record (stats.json) when prepare trained the tokenizer in use,
-    else counted now. With `max_len: 0` (no truncation), a caption longer than the text
-    backbone's `positions` raises DataError naming its line in `{split}.csv`.
-    """
-    counts = recorded_piece_counts(prepared, split.name) if config.model.text.init == "random" else None
-    if counts is None:
-        counts = Counter(piece_lengths(split.captions, tokenizer).tolist())
-    max_len, longest = config.model.text.max_len, max(counts)
-    if max_len == 0 and longest > positions:
-        lengths = piece_lengths(split.captions, tokenizer)
-        row = int(np.flatnonzero(lengths > positions)[0])
-        raise DataError(
-            f"{prepared / f'{split.name}.csv'} line {row + 2}: a caption of {lengths[row]} word pieces is longer than "
-            f"{config.model.text.name}'s {positions} positions, and model.text.max_len: 0 does not truncate; "
-            f"set model.text.max_len to at most {positions}"
-        )
-    if max_len == 0:
-        return f"{split.name}: model.text.max_len is 0, so no caption is truncated (longest {longest} word pieces)"
-    cut = sum(n for length, n in counts.items() if length > max_len)
-    return (f"{split.name}: {cut} of {sum(counts.values())} captions are longer than model.text.max_len {max_len} "
-            f"word pieces (longest {longest})" + ("; they are truncated" if cut else ""))
 
 
 def model_metadata(config: Config, state: TrainState) -> dict:
