@@ -96,16 +96,21 @@ def multi_view_decorrelation(views: Tensor, eps: float = 1e-5) -> Tensor:
     Returns:
         Scalar float32, mean over the ``V * (V - 1) / 2`` pairs; 0 for ``V = 1``.
     """
-    batch, num_views, dim = views.shape
+    _, num_views, dim = views.shape
     if num_views < 2:
         return views.new_zeros((), dtype=torch.float32)
     # float32: batch statistics and D x D sums are too coarse in half precision.
     x = views.float()
-    z = (x - x.mean(dim=0)) / torch.sqrt(x.var(dim=0, unbiased=False) + eps)  # [B, V, D]
-    first, second = torch.triu_indices(num_views, num_views, offset=1, device=views.device)  # [pairs] each
-    corr = torch.einsum("bpd,bpe->pde", z[:, first], z[:, second]) / batch  # [pairs, D, D]
+    corr = _view_pair_correlations((x - x.mean(dim=0)) / torch.sqrt(x.var(dim=0, unbiased=False) + eps))  # [pairs, D, D]
     eye = torch.eye(dim, device=views.device)
     return ((corr - eye) ** 2).sum(dim=(1, 2)).mean() / dim
+
+
+def _view_pair_correlations(normalised: Tensor) -> Tensor:
+    """``C = a^T b / B`` of every pair of views ``(a, b)`` of ``normalised`` ``[B, V, D]``: ``[V (V - 1) / 2, D, D]``."""
+    num_views = normalised.size(1)
+    first, second = torch.triu_indices(num_views, num_views, offset=1, device=normalised.device)  # [pairs] each
+    return torch.einsum("bpd,bpe->pde", normalised[:, first], normalised[:, second]) / normalised.size(0)
 
 
 def official_decorrelation(views: Tensor, eps: float = 1e-8, off_diagonal_weight: float = 0.0051) -> Tensor:
@@ -134,13 +139,11 @@ def official_decorrelation(views: Tensor, eps: float = 1e-8, off_diagonal_weight
     Returns:
         Scalar float32; 0 for ``V = 1``.
     """
-    batch, num_views, dim = views.shape
+    _, num_views, dim = views.shape
     if num_views < 2:
         return views.new_zeros((), dtype=torch.float32)
     x = views.float()
-    x = x / (x.norm(dim=0, keepdim=True) + eps)  # [B, V, D], unit columns over the batch
-    first, second = torch.triu_indices(num_views, num_views, offset=1, device=views.device)  # [pairs] each
-    corr = torch.einsum("bpd,bpe->pde", x[:, first], x[:, second]) / batch  # [pairs, D, D]
+    corr = _view_pair_correlations(x / (x.norm(dim=0, keepdim=True) + eps))  # [pairs, D, D]; unit columns over the batch
     diagonal = corr.diagonal(dim1=1, dim2=2)  # [pairs, D]
     on = ((diagonal - 1) ** 2).sum(dim=1)  # [pairs]
     off = corr.masked_fill(torch.eye(dim, dtype=torch.bool, device=views.device), 0.0).square().sum(dim=(1, 2))  # [pairs]
