@@ -50,7 +50,7 @@ class SyntheticConfig:
     train_images: int = field(default=10000, metadata=POSITIVE)
     dev_images: int = field(default=1000, metadata=POSITIVE)
     test_images: int = field(default=1000, metadata=POSITIVE)
-    min_objects: int = field(default=3, metadata=_check("an integer >= 3 (a caption must never cover a whole image)", lambda v: v >= 3))
+    min_objects: int = field(default=4, metadata=_check("an integer >= 4 (a caption names at most 3 objects and must never cover a whole image)", lambda v: v >= 4))
     max_objects: int = field(default=4, metadata=POSITIVE)
 
 
@@ -99,7 +99,7 @@ class TextConfig(BackboneConfig):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vision: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit-tiny"))
+    vision: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit-tiny-p16"))
     text: TextConfig = field(default_factory=lambda: TextConfig(name="bert-tiny"))
     embed_size: int = field(default=256, metadata=POSITIVE)
     block_dim: int = field(default=64, metadata=POSITIVE)

@@ -1,7 +1,7 @@
 """The best recall any model can reach on the embedded synthetic test split.
 
-A caption names one or two objects (colour, shape, sometimes size, a relation for two),
-so several test images can match it. From the scene metadata (`scenes.jsonl`) this
+A caption names two or three objects (size, colour and shape each), either a related
+pair with its relation or a list, so a few test images besides its own can match it. From the scene metadata (`scenes.jsonl`) this
 finds, for every caption, the test images it is true of, and scores two ideal models:
 
 - `uniform`: knows exactly which images a caption is true of, ranks them in random order;
@@ -14,6 +14,7 @@ finds, for every caption, the test images it is true of, and scores two ideal mo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 from math import comb
@@ -27,27 +28,28 @@ KS = (1, 5, 10)
 RELATION = re.compile(r"(left of|right of|above|below)")
 
 
-def caption_terms(text: str, scene: list[dict], mentioned: list[int]) -> tuple[list[dict], str | None]:
-    """What a caption requires: per object named, its attributes (size only where stated), and the relation."""
-    terms = []
-    for index in mentioned:
-        obj = scene[index]
-        term = {"colour": obj["colour"], "shape": obj["shape"]}
-        if f"{obj['size']} {obj['colour']} {obj['shape']}" in text:
-            term["size"] = obj["size"]
-        terms.append(term)
-    relation = RELATION.search(text) if len(terms) == 2 else None
+def caption_terms(text: str, scene: list[dict], mentioned: list[int]) -> tuple[list[tuple[str, str, str]], str | None]:
+    """What a caption requires: the (size, colour, shape) of each object named, and the relation if any."""
+    terms = [(scene[i]["size"], scene[i]["colour"], scene[i]["shape"]) for i in mentioned]
+    relation = RELATION.search(text)
     return terms, relation.group(1) if relation else None
 
 
-def true_of(objects: list[SceneObject], terms: list[dict], relation: str | None) -> bool:
-    def fits(obj: SceneObject, term: dict) -> bool:
-        return all(getattr(obj, key) == value for key, value in term.items())
+def scene_facts(objects: list[SceneObject]) -> tuple[set, set]:
+    """The (size, colour, shape) kinds a scene shows, and its (kind, relation, kind) facts."""
+    kinds = [(obj.size, obj.colour, obj.shape) for obj in objects]
+    relations = {(kinds[i], spatial_relation(a, b), kinds[j])
+                 for (i, a), (j, b) in itertools.permutations(enumerate(objects), 2) if spatial_relation(a, b)}
+    return set(kinds), relations
 
-    if len(terms) == 1:
-        return any(fits(obj, terms[0]) for obj in objects)
-    return any(fits(a, terms[0]) and fits(b, terms[1]) and spatial_relation(a, b) == relation
-               for a in objects for b in objects if a is not b)
+
+def true_of(facts: tuple[set, set], terms: list[tuple[str, str, str]], relation: str | None) -> bool:
+    """Whether a scene fits the terms: shows every kind named (colour and shape pairs are distinct
+    within a scene, so distinct terms are distinct objects) and, for a relation, the related pair."""
+    kinds, relations = facts
+    if relation is not None:
+        return (terms[0], relation, terms[1]) in relations
+    return all(term in kinds for term in terms)
 
 
 def main() -> None:
@@ -60,13 +62,14 @@ def main() -> None:
     scenes = [row for row in rows if row["split"] == args.split]
     objects = [[SceneObject(**obj) for obj in row["objects"]] for row in scenes]
     captions = [(caption_terms(c["text"], row["objects"], c["objects"]), i) for i, row in enumerate(scenes) for c in row["captions"]]
-    truth = np.array([[true_of(scene, *terms) for scene in objects] for terms, _ in captions])  # [captions, images]
+    facts = [scene_facts(scene) for scene in objects]
+    truth = np.array([[true_of(fact, *terms) for fact in facts] for terms, _ in captions])  # [captions, images]
     owner = np.array([i for _, i in captions])
     matches = truth.sum(axis=1)  # images each caption is true of
 
     t2i = {k: 100 * np.mean(np.minimum(1.0, k / matches)) for k in KS}
     per_image = truth.sum(axis=0)  # captions true of each image, its own 5 among them
-    uniform_i2t = {k: 100 * np.mean([1 - comb(n - 5, k) / comb(n, k) for n in per_image]) for k in KS}
+    uniform_i2t = {k: 100 * np.mean([1 - comb(n - 5, k) / comb(n, k) if n > k else 1.0 for n in per_image.tolist()]) for k in KS}
     rng = np.random.default_rng(0)
     scores = truth / matches[:, None] + rng.random(truth.shape) * 1e-9  # specific captions first, ties at random
     best_rank = np.array([np.flatnonzero(owner[np.argsort(-scores[:, i])] == i)[0] for i in range(len(scenes))])

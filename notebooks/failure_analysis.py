@@ -71,13 +71,13 @@ failures.recall_by_figure(by_length, "text-to-image recall by caption length")
 # ## Recall by what a caption mentions (synthetic data)
 #
 # From the scene metadata the synthetic dataset writes (`scenes.jsonl`): how many objects a
-# caption names, its spatial relation, and the shapes and colours it names (a caption naming
-# two shapes counts for both).
+# caption names, its spatial relation ("none" for a list of objects), and the shapes, colours
+# and sizes it names (a caption naming two shapes counts for both).
 
 # %%
 if config.data.dataset == "synthetic":
     mentions = failures.with_mentions(t2i, failures.load_caption_mentions(PROJECT, config))
-    for column, title in [("objects", "objects named"), ("relation", "spatial relation"), ("shapes", "shape"), ("colours", "colour")]:
+    for column, title in [("objects", "objects named"), ("relation", "spatial relation"), ("shapes", "shape"), ("colours", "colour"), ("sizes", "size")]:
         by_mention = failures.recall_by(mentions, column)
         display(by_mention)
         display(failures.recall_by_figure(by_mention, f"text-to-image recall by {title}"))

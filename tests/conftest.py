@@ -33,7 +33,7 @@ def f30k_fixtures() -> Path:
 TINY = {
     "data": {"synthetic": {"train_images": 40, "dev_images": 10, "test_images": 10, "image_size": 32},
              "img_res": 32, "cache_res": 32, "num_workers": 0, "vocab_size": 100},
-    "model": {"embed_size": 32, "block_dim": 16},
+    "model": {"vision": {"name": "vit-tiny"}, "embed_size": 32, "block_dim": 16},  # 8 px patches: 16 at 32 px
     "train": {"batch_size": 16, "epochs": 1, "log_every": 2},
     "embed": {"batch_size": 8},
 }
@@ -58,6 +58,22 @@ def copy_project(root: Path) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `dvc repro` of the TINY parameters, shared by the tests that only read its outputs
+    (or copy it with :func:`copy_finished`): a whole pipeline run costs minutes on 2 cores."""
+    root = copy_project(tmp_path_factory.mktemp("tiny") / "project")
+    set_params(root, TINY)
+    run(["dvc", "repro"], cwd=root)
+    return root
+
+
+def copy_finished(project: Path, root: Path) -> Path:
+    """A copy of a finished project, DVC cache and MLflow store included, to change without touching the original."""
+    shutil.copytree(project, root, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
 
 def set_params(project: Path, tree: dict) -> None:

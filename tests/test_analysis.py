@@ -82,7 +82,7 @@ def test_recall_summary_is_one_row_per_protocol_in_a_fixed_column_order():
 
 T2I = pd.DataFrame({
     "caption_index": [0, 1, 2, 3],
-    "caption": ["a red circle", "a small red circle", "a blue square left of a red circle", "a red cross"],
+    "caption": ["a small red circle and a large blue square", "there is a small red circle, a large blue square and a small white cross", "a small blue square left of a small red circle", "a large red cross and a small red circle"],
     "image_id": [10, 10, 11, 11],
     "image_path": ["data/img/test_0.jpg", "data/img/test_0.jpg", "data/img/test_1.jpg", "data/img/test_1.jpg"],
     "rank": [3, 0, 7, 3],
@@ -98,11 +98,11 @@ def test_worst_queries_rank_highest_first_and_keep_file_order_among_ties():
 
 def test_recall_by_caption_length():
     table = failures.recall_by(T2I, failures.caption_words(T2I), ks=(1, 5))
-    assert table.index.name == "words" and table.index.tolist() == [3, 4, 8]
+    assert table.index.name == "words" and table.index.tolist() == [9, 10, 15]
     assert table.columns.tolist() == ["queries", "r1", "r5", "mean_rank"]
-    assert table.loc[3].tolist() == [2, 0.0, 100.0, 4.0]  # ranks 3 and 3
-    assert table.loc[4].tolist() == [1, 100.0, 100.0, 1.0]
-    assert table.loc[8].tolist() == [1, 0.0, 0.0, 8.0]
+    assert table.loc[9].tolist() == [2, 0.0, 100.0, 4.0]  # ranks 3 and 3
+    assert table.loc[10].tolist() == [1, 0.0, 0.0, 8.0]
+    assert table.loc[15].tolist() == [1, 100.0, 100.0, 1.0]
 
 
 def test_recall_by_a_list_column_counts_a_query_in_each_of_its_items():
@@ -130,11 +130,11 @@ def scene(file, split, objects, captions):
 
 def write_scenes(path):
     scenes = [
-        scene("train_0.jpg", "train", [("circle", "red", "small")] * 3, [("a red circle", [0])]),
+        scene("train_0.jpg", "train", [("circle", "red", "small")] * 3, [("a small red circle and a large blue square", [0, 1])]),
         scene("test_0.jpg", "test", [("circle", "red", "small"), ("square", "blue", "large"), ("cross", "white", "small")],
-              [("a red circle", [0]), ("a small red circle", [0])]),
+              [("a small red circle and a large blue square", [0, 1]), ("there is a small red circle, a large blue square and a small white cross", [0, 1, 2])]),
         scene("test_1.jpg", "test", [("cross", "red", "large"), ("circle", "red", "small"), ("square", "blue", "small")],
-              [("a blue square left of a red circle", [2, 1]), ("a red cross", [0])]),
+              [("a small blue square left of a small red circle", [2, 1]), ("a large red cross and a small red circle", [0, 1])]),
     ]
     path.write_text("".join(json.dumps(s) + "\n" for s in scenes))
     return path
@@ -144,17 +144,21 @@ def test_caption_mentions_are_read_from_the_scene_metadata(tmp_path):
     mentions = failures.caption_mentions(write_scenes(tmp_path / "scenes.jsonl"), "test")
     assert mentions.columns.tolist() == failures.MENTION_COLUMNS
     assert mentions.to_dict("records") == [
-        {"image_file": "test_0.jpg", "caption": "a red circle", "objects": 1, "relation": "none", "shapes": ["circle"], "colours": ["red"], "sized": False},
-        {"image_file": "test_0.jpg", "caption": "a small red circle", "objects": 1, "relation": "none", "shapes": ["circle"], "colours": ["red"], "sized": True},
-        {"image_file": "test_1.jpg", "caption": "a blue square left of a red circle", "objects": 2, "relation": "left of",
-         "shapes": ["square", "circle"], "colours": ["blue", "red"], "sized": False},
-        {"image_file": "test_1.jpg", "caption": "a red cross", "objects": 1, "relation": "none", "shapes": ["cross"], "colours": ["red"], "sized": False},
+        {"image_file": "test_0.jpg", "caption": "a small red circle and a large blue square", "objects": 2, "relation": "none",
+         "shapes": ["circle", "square"], "colours": ["red", "blue"], "sizes": ["small", "large"]},
+        {"image_file": "test_0.jpg", "caption": "there is a small red circle, a large blue square and a small white cross", "objects": 3, "relation": "none",
+         "shapes": ["circle", "square", "cross"], "colours": ["red", "blue", "white"], "sizes": ["small", "large", "small"]},
+        {"image_file": "test_1.jpg", "caption": "a small blue square left of a small red circle", "objects": 2, "relation": "left of",
+         "shapes": ["square", "circle"], "colours": ["blue", "red"], "sizes": ["small", "small"]},
+        {"image_file": "test_1.jpg", "caption": "a large red cross and a small red circle", "objects": 2, "relation": "none",
+         "shapes": ["cross", "circle"], "colours": ["red", "red"], "sizes": ["large", "small"]},
     ]
     merged = failures.with_mentions(T2I, mentions)
-    assert merged["objects"].tolist() == [1, 1, 2, 1] and merged["relation"].tolist() == ["none", "none", "left of", "none"]
-    assert failures.recall_by(merged, "objects", ks=(1,))["r1"].to_dict() == {1: pytest.approx(100 / 3), 2: 0.0}
-    stale = T2I.assign(caption=T2I["caption"].replace("a red cross", "a red star"))
-    with pytest.raises(AvseError, match=r"^scenes.jsonl: no caption 'a red star' of test_1.jpg: the outputs are stale, run `dvc repro`$"):
+    assert merged["objects"].tolist() == [2, 3, 2, 2] and merged["relation"].tolist() == ["none", "none", "left of", "none"]
+    assert failures.recall_by(merged, "objects", ks=(1,))["r1"].to_dict() == {2: 0.0, 3: 100.0}
+    assert failures.recall_by(merged, "sizes", ks=(1,))["queries"].to_dict() == {"large": 3, "small": 6}
+    stale = T2I.assign(caption=T2I["caption"].replace("a large red cross and a small red circle", "a large red star"))
+    with pytest.raises(AvseError, match=r"^scenes.jsonl: no caption 'a large red star' of test_1.jpg: the outputs are stale, run `dvc repro`$"):
         failures.with_mentions(stale, mentions)
 
 
@@ -219,7 +223,7 @@ def test_patch_masks_mark_the_kept_patches():
 
 
 def test_evaluation_view_masks_are_the_models_deterministic_views():
-    config = from_dict({"data": {"img_res": 32}, "model": {"embed_size": 32, "block_dim": 16, "views": 3, "eval_keep_ratio": 0.5}})
+    config = from_dict({"data": {"img_res": 32}, "model": {"vision": {"name": "vit-tiny"}, "embed_size": 32, "block_dim": 16, "views": 3, "eval_keep_ratio": 0.5}})
     model = build_model(config, vocab_size=100).train()
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     grid = 32 // 8  # vit-tiny's 8 px patches
@@ -259,7 +263,8 @@ def test_split_images_by_id(split_images):
 def test_t2i_failure_grid(split_images):
     figure = failures.t2i_failure_figure(failures.worst_queries(T2I, 4), split_images)
     assert [subfigure.get_suptitle() for subfigure in figure.subfigs] == [
-        '"a blue square left of a red circle"', '"a red circle"', '"a red cross"', '"a small red circle"']
+        '"a small blue square left of a small red circle"', '"a small red circle and a large blue square"',
+        '"a large red cross and a small red circle"', '"there is a small red circle, a large blue square and a small white cross"']
     axes = figure.subfigs[0].axes
     assert [ax.get_title() for ax in axes] == ["truth: rank 8", "#1  0.700", "#2  0.300"]
     assert [int(ax.images[0].get_array()[0, 0, 0]) for ax in axes] == [20, 10, 30]

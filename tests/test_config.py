@@ -33,7 +33,7 @@ def test_params_yaml_is_valid_and_complete():
         ("model.size_augment=yes please", "model.size_augment: 'yes please' is not true or false"),
         ("train.lr_decay_epochs=[1, x]", "train.lr_decay_epochs[1]: 'x' is not an integer"),
         ("model.vision=vit", "model.vision: 'vit' is not a section (expected key: value pairs)"),
-        ("data.synthetic.min_objects=2", "data.synthetic.min_objects: 2 is not an integer >= 3"),
+        ("data.synthetic.min_objects=3", "data.synthetic.min_objects: 3 is not an integer >= 4"),
         ("zzz.key=1", "zzz: unknown key (allowed: data, model, train, embed, eval, tracking)"),
         ("train.batch_size", "override 'train.batch_size': expected key=value"),
     ],

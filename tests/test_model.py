@@ -29,19 +29,20 @@ def test_registry_holds_the_published_configs():
     assert (swin["embed_dim"], swin["depths"], swin["window_size"], swin["image_size"]) == (128, [2, 2, 18, 2], 12, 384)
 
 
+PAPER_TEXT = {"text": {"name": "bert-base-uncased"}, "embed_size": 1024, "block_dim": 256}
+
+
 @pytest.mark.parametrize("vision, img_res, vision_params", [
     ("google/vit-base-patch16-224-in21k", 256, 85.8),
-    ("google/vit-base-patch16-384", 384, 86.1),
     ("microsoft/swin-base-patch4-window7-224-in22k", 224, 86.7),
-    ("microsoft/swin-base-patch4-window12-384-in22k", 384, 86.9),
 ])
 def test_paper_architectures_dry_run_randomly_initialised(vision, img_res, vision_params, capsys):
-    """`avse train --dry-run` on each seed architecture: builds, one optimiser step on a batch of 2."""
+    """`avse train --dry-run` on a seed architecture of each family: builds, one optimiser step on a batch of 2."""
     from avse.training.dry_run import dry_run
 
     cfg = from_dict({
         "data": {"img_res": img_res, "vocab_size": 30522},
-        "model": {"vision": {"name": vision}, "text": {"name": "bert-base-uncased"}, "embed_size": 1024, "block_dim": 256},
+        "model": {"vision": {"name": vision}, **PAPER_TEXT},
         "train": {"batch_size": 2, "precision": "fp32"},
     })
     report = dry_run(cfg, steps=1)
@@ -49,6 +50,21 @@ def test_paper_architectures_dry_run_randomly_initialised(vision, img_res, visio
     assert report["params_text_m"] == pytest.approx(108.9, abs=0.1)  # BERT-base without its pooler
     assert report["seconds_per_step"] > 0
     assert f"dry run: {vision} + bert-base-uncased at {img_res}px, batch 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("vision, vision_params, grid", [
+    ("google/vit-base-patch16-384", 86.1, 24),
+    ("microsoft/swin-base-patch4-window12-384-in22k", 86.9, 12),
+])
+def test_paper_architectures_at_384_embed_an_image(vision, vision_params, grid):
+    """The 384 px seed architectures build at their resolution and embed an image from their patch grid
+    (a training step is the dry run's, tested at 224 above)."""
+    model = build_model(from_dict({"data": {"img_res": 384}, "model": {"vision": {"name": vision}, **PAPER_TEXT}}), vocab_size=30522).eval()
+    assert sum(p.numel() for p in model.image_encoder.backbone.parameters()) / 1e6 == pytest.approx(vision_params, abs=0.1)
+    assert model.image_encoder.grid == grid
+    with torch.no_grad():
+        embedding = model.encode_image(torch.randint(0, 256, (1, 3, 384, 384), dtype=torch.uint8))
+    assert embedding.shape == (1, 2 * 1024)
 
 
 @pytest.mark.parametrize("vision", ["vit-tiny", "swin-tiny"])

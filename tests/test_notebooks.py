@@ -6,7 +6,7 @@ import pytest
 from jupytext.config import load_jupytext_config
 from nbclient import NotebookClient
 
-from conftest import REPO, TINY, run, set_params
+from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
 # Figures each notebook shows on a synthetic-data run tracked as one MLflow run.
@@ -37,9 +37,8 @@ def python3_kernel(tmp_path, monkeypatch):
     return "python3"
 
 
-def test_notebooks_run_headless_on_a_pipeline_run(project, python3_kernel, monkeypatch):
-    set_params(project, TINY)
-    run(["dvc", "repro"], cwd=project)
+def test_notebooks_run_headless_on_a_pipeline_run(tiny_pipeline, python3_kernel, monkeypatch):
+    project = tiny_pipeline
     monkeypatch.setenv("AVSE_PROJECT", str(project))
     monkeypatch.setenv("PYTHONPATH", str(project))
     written = project_files(project)

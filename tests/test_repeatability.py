@@ -11,7 +11,7 @@ from avse.training.checkpoint import load_checkpoint
 from avse.training.distributed import DistContext
 from avse.training.seeding import Draw, derive_seed
 
-from conftest import TINY, run, set_params
+from conftest import TINY, copy_finished, run, set_params
 
 CPU = torch.device("cpu")
 OUTPUTS = ("models", "embeddings", "metrics", "outputs")
@@ -41,9 +41,8 @@ def model_tensors(path):
     return load_checkpoint(path)["model"]
 
 
-def test_dvc_repro_twice_gives_the_same_bits_with_or_without_loader_workers(project):
-    set_params(project, TINY)
-    run(["dvc", "repro"], cwd=project)
+def test_dvc_repro_twice_gives_the_same_bits_with_or_without_loader_workers(tiny_pipeline, tmp_path):
+    project = copy_finished(tiny_pipeline, tmp_path / "project")
     first = {name: (project / "metrics" / name).read_bytes() for name in ("train.json", "eval.json", "recall_curve.csv")}
     first_model = model_tensors(project / "models" / "best.pt")
     first_last = load_checkpoint(project / "models" / "last.pt")

@@ -16,15 +16,15 @@ from conftest import REPO
 def test_a_run_is_named_by_its_dvc_experiment_or_by_what_differs_from_the_reference_params():
     reference = from_dict({}).flat()
     config = from_dict({"model": {"views": 1, "block_dim": 256}})
-    assert run_name(config, reference, experiment="vse-1view-2") == "synthetic-vit-tiny-vse-1view-2"
-    assert run_name(config, reference, experiment="") == "synthetic-vit-tiny-block_dim256-views1"
-    assert run_name(from_dict({}), reference, experiment="") == "synthetic-vit-tiny"
+    assert run_name(config, reference, experiment="vse-1view-2") == "synthetic-vit-tiny-p16-vse-1view-2"
+    assert run_name(config, reference, experiment="") == "synthetic-vit-tiny-p16-block_dim256-views1"
+    assert run_name(from_dict({}), reference, experiment="") == "synthetic-vit-tiny-p16"
     hub = from_dict({"model": {"vision": {"name": "google/vit-base-patch16-384"}}, "data": {"img_res": 384}})
     assert run_name(hub, reference, experiment="") == "synthetic-vit-base-patch16-384-img_res384-namevit-base-patch16-384"
     many = from_dict({"train": {"lr": 0.1, "seed": 3, "epochs": 9, "batch_size": 8, "warmup_steps": 1, "weight_decay": 0.0, "grad_clip": 1.0}})
-    assert run_name(many, reference, experiment="") == "synthetic-vit-tiny-seed3-batch_size8-epochs9-lr0.1-weight_decay0.0-warmup_steps1-+1"
+    assert run_name(many, reference, experiment="") == "synthetic-vit-tiny-p16-seed3-batch_size8-epochs9-lr0.1-weight_decay0.0-warmup_steps1-+1"
     # The tracking section never names a run.
-    assert run_name(from_dict({"tracking": {"experiment": "other"}}), reference, experiment="") == "synthetic-vit-tiny"
+    assert run_name(from_dict({"tracking": {"experiment": "other"}}), reference, experiment="") == "synthetic-vit-tiny-p16"
 
 
 def test_reference_params_are_the_committed_params_validated():

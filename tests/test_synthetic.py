@@ -14,10 +14,10 @@ import pytest
 from avse.data import synthetic
 from avse.data.synthetic import (
     COLOURS,
+    LIST_TEMPLATES,
     RELATION_TEMPLATES,
     RELATIONS,
     SHAPES,
-    SINGLE_TEMPLATES,
     SIZES,
     SceneObject,
     SceneTooSimpleError,
@@ -32,31 +32,32 @@ from avse.errors import ConfigError
 IMAGE_SIZE = 64
 SPLIT_SIZES = {"train": 24, "dev": 8, "test": 8}
 
-_OBJECT = rf"(?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_OBJECT = rf"({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 _RELATION = rf"({'|'.join(RELATIONS)})"
+_LIST = rf"a {_OBJECT}(?:, a {_OBJECT})? and a {_OBJECT}"
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
     pattern = re.escape(template)
-    for field, regex in (("obj", _OBJECT), ("a", _OBJECT), ("b", _OBJECT), ("rel", _RELATION)):
+    for field, regex in (("objects", _LIST), ("a", _OBJECT), ("b", _OBJECT), ("rel", _RELATION)):
         pattern = pattern.replace(re.escape("{" + field + "}"), regex)
     return re.compile(pattern)
 
 
-SINGLE_PATTERNS = [_template_regex(t) for t in SINGLE_TEMPLATES]
+LIST_PATTERNS = [_template_regex(t) for t in LIST_TEMPLATES]
 RELATION_PATTERNS = [_template_regex(t) for t in RELATION_TEMPLATES]
 
 
 def _parse(caption: str) -> tuple[list[tuple[str, str, str]], str | None]:
-    """The (size or "", colour, shape) of each mentioned object, and the relation if any."""
-    for pattern in SINGLE_PATTERNS:
+    """The (size, colour, shape) of each mentioned object, and the relation if any."""
+    for pattern in LIST_PATTERNS:
         if match := pattern.fullmatch(caption):
-            size, colour, shape = match.groups()
-            return [(size or "", colour, shape)], None
+            words = [word for word in match.groups() if word is not None]
+            return [tuple(words[i : i + 3]) for i in range(0, len(words), 3)], None
     for pattern in RELATION_PATTERNS:
         if match := pattern.fullmatch(caption):
             size_a, colour_a, shape_a, relation, size_b, colour_b, shape_b = match.groups()
-            return [(size_a or "", colour_a, shape_a), (size_b or "", colour_b, shape_b)], relation
+            return [(size_a, colour_a, shape_a), (size_b, colour_b, shape_b)], relation
     raise AssertionError(f"caption matches no template: {caption!r}")
 
 
@@ -68,8 +69,8 @@ def _generate(root: Path, seed: int = 7, split_sizes: dict[str, int] = SPLIT_SIZ
         seed=seed,
         image_size=IMAGE_SIZE,
         split_sizes=split_sizes,
-        min_objects=3,
-        max_objects=4,
+        min_objects=4,
+        max_objects=5,
         progress=False,
     )
     return caption_dir, image_dir
@@ -150,10 +151,10 @@ def test_layout_is_the_caption_split_layout(dataset: tuple[Path, Path, list[dict
 def test_captions_describe_what_is_drawn(dataset: tuple[Path, Path, list[dict]]) -> None:
     _, image_dir, scenes = dataset
     palette = {**COLOURS, "background": synthetic.BACKGROUND_RGB}
-    n_relational = n_single = n_sized = 0
+    n_relational = n_triples = 0
     for scene in scenes:
         objects = [SceneObject(**obj) for obj in scene["objects"]]
-        assert 3 <= len(objects) <= 4
+        assert 4 <= len(objects) <= 5
         assert len({(obj.colour, obj.shape) for obj in objects}) == len(objects)
         rgb = cv2.cvtColor(cv2.imread(str(image_dir / scene["file"])), cv2.COLOR_BGR2RGB).astype(int)
         subsets = [frozenset(caption["objects"]) for caption in scene["captions"]]
@@ -164,15 +165,15 @@ def test_captions_describe_what_is_drawn(dataset: tuple[Path, Path, list[dict]])
             assert len(indices) == len(mentioned) < len(objects)
             for (size, colour, shape), index in zip(mentioned, indices):
                 obj = objects[index]
-                assert (colour, shape) == (obj.colour, obj.shape)
-                assert size in ("", obj.size)
-                n_sized += bool(size)
+                assert (size, colour, shape) == (obj.size, obj.colour, obj.shape)
                 pixel = rgb[round(obj.y), round(obj.x)]
                 distances = {name: np.abs(pixel - np.array(value)).max() for name, value in palette.items()}
                 assert min(distances, key=distances.get) == colour, (scene["file"], caption["text"], pixel)
                 assert distances[colour] <= 40
             if relation is None:
-                n_single += 1
+                # A list names an unrelated pair, or three objects.
+                assert len(indices) == 3 or spatial_relation(objects[indices[0]], objects[indices[1]]) is None
+                n_triples += len(indices) == 3
                 continue
             n_relational += 1
             a, b = objects[indices[0]], objects[indices[1]]
@@ -182,13 +183,12 @@ def test_captions_describe_what_is_drawn(dataset: tuple[Path, Path, list[dict]])
             assert along > a.radius + b.radius, (scene["file"], caption["text"])
             assert along >= synthetic.RELATION_AXIS_RATIO * abs(across), (scene["file"], caption["text"])
         related_pairs = [pair for pair in itertools.combinations(objects, 2) if spatial_relation(*pair)]
-        relational_captions = sum(len(caption["objects"]) == 2 for caption in scene["captions"])
-        assert relational_captions >= min(2, len(related_pairs))
-    assert n_relational >= 2 * len(scenes) and n_single >= len(scenes)
-    assert 0 < n_sized < n_relational * 2 + n_single
+        relational_captions = sum(bool(_parse(caption["text"])[1]) for caption in scene["captions"])
+        assert min(2, len(related_pairs)) <= relational_captions <= 3
+    assert n_relational >= 2 * len(scenes) and n_triples >= len(scenes)
 
 
-def test_min_objects_below_three_is_a_config_error(tmp_path: Path) -> None:
+def test_min_objects_below_four_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="min_objects"):
         generate_dataset(
             tmp_path / "captions",
@@ -196,12 +196,12 @@ def test_min_objects_below_three_is_a_config_error(tmp_path: Path) -> None:
             seed=0,
             image_size=IMAGE_SIZE,
             split_sizes={"train": 2},
-            min_objects=2,
+            min_objects=3,
             max_objects=4,
             progress=False,
         )
     with pytest.raises(ConfigError, match="min_objects"):
-        sample_scene(np.random.default_rng(0), IMAGE_SIZE, 2, 4)
+        sample_scene(np.random.default_rng(0), IMAGE_SIZE, 3, 4)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -209,7 +209,7 @@ def test_scenes_do_not_overlap_and_stay_inside_the_image() -> None:
     rng = np.random.default_rng(0)
     background = np.array(synthetic.BACKGROUND_RGB)
     for _ in range(200):
-        objects = sample_scene(rng, IMAGE_SIZE, 3, synthetic.MAX_OBJECTS)
+        objects = sample_scene(rng, IMAGE_SIZE, 4, synthetic.MAX_OBJECTS)
         masks = []
         for obj in objects:
             assert 0 <= obj.x - obj.radius and obj.x + obj.radius <= IMAGE_SIZE - 1
@@ -231,9 +231,13 @@ def test_relations_are_stated_only_when_unambiguous() -> None:
     assert spatial_relation(small(10, 10), small(40, 26)) is None  # not twice as far across as down
     assert spatial_relation(small(10, 10), small(18, 10)) is None  # extents overlap along the axis
 
-    diagonal = [small(10, 10), small(30, 30), small(50, 50)]
+    # Without related pairs every caption is a list; three objects give only four subsets.
+    diagonal = [small(10, 10), small(30, 30), small(50, 50), small(58, 58)]
+    captions = describe_scene(diagonal, np.random.default_rng(0))
+    assert len(captions) == 5 and all(_parse(text)[1] is None for text, _ in captions)
+    assert sorted(len(indices) for _, indices in captions) == [2, 3, 3, 3, 3]
     with pytest.raises(SceneTooSimpleError):
-        describe_scene(diagonal, np.random.default_rng(0))
+        describe_scene(diagonal[:3], np.random.default_rng(0))
 
 
 def test_interrupted_generation_leaves_previous_output_untouched(

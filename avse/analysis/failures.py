@@ -35,7 +35,7 @@ from avse.config import Config
 from avse.data.dataset import ImageSource, PreparedSplit, to_tensor
 from avse.data.images import Resize
 from avse.data.prepare import prepared_dir
-from avse.data.synthetic import RELATIONS, SIZES
+from avse.data.synthetic import RELATIONS
 from avse.errors import AvseError
 from avse.evaluation.evaluate import Embeddings
 from avse.evaluation.recall import RECALL_KS
@@ -44,7 +44,7 @@ from avse.model.similarity import meta_similarity
 from avse.pipeline import EMBEDDINGS, EVAL_METRICS, EVAL_OUTPUTS
 
 SUMMARY_COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
-MENTION_COLUMNS = ["image_file", "caption", "objects", "relation", "shapes", "colours", "sized"]
+MENTION_COLUMNS = ["image_file", "caption", "objects", "relation", "shapes", "colours", "sizes"]
 SCENES_FILE = "scenes.jsonl"
 HIT_COLOUR = "tab:green"
 
@@ -196,8 +196,8 @@ def load_caption_mentions(project: Path, config: Config) -> pd.DataFrame:
 
 def caption_mentions(scenes: Path, split: str) -> pd.DataFrame:
     """What each caption of `split` mentions, one row per caption (`[n_captions, 7]`): `image_file`,
-    `caption`, `objects` (how many), `relation` ("left of", ... or "none"), `shapes` and
-    `colours` (lists, in order of mention) and `sized` (whether it states a size)."""
+    `caption`, `objects` (how many), `relation` ("left of", ... or "none" for a list of objects),
+    and `shapes`, `colours` and `sizes` (lists, in order of mention)."""
     rows = []
     for line in scenes.read_text(encoding="utf-8").splitlines():
         scene = json.loads(line)
@@ -205,12 +205,11 @@ def caption_mentions(scenes: Path, split: str) -> pd.DataFrame:
             continue
         for caption in scene["captions"]:
             mentioned = [scene["objects"][index] for index in caption["objects"]]
-            words = caption["text"].split()
             relation = next((r for r in RELATIONS if f" {r} " in caption["text"]), "none")
             rows.append({
                 "image_file": scene["file"], "caption": caption["text"], "objects": len(mentioned), "relation": relation,
                 "shapes": [obj["shape"] for obj in mentioned], "colours": [obj["colour"] for obj in mentioned],
-                "sized": any(word in SIZES for word in words),
+                "sizes": [obj["size"] for obj in mentioned],
             })
     return pd.DataFrame(rows, columns=MENTION_COLUMNS)
 

@@ -1,9 +1,11 @@
 """Procedurally generated image-caption dataset: the default data, needing no download.
 
-Each image shows a few coloured shapes on a dark background; each of its captions
-describes a different subset of one or two objects, with a spatial relation for two,
-so no caption covers the whole image and retrieval needs fine-grained alignment.
-Output uses the Flickr30K caption-split layout, so the real-data code path reads it.
+Each image shows four or more coloured shapes on a dark background; each of its five
+captions names a different subset of two or three of them, by size, colour and shape,
+with the spatial relation of a related pair. No caption covers the whole image, so
+retrieval needs fine-grained alignment, and a caption is specific enough to be true of
+about one test image in a thousand (`benchmarks/synthetic_ceiling.py`). Output uses the
+Flickr30K caption-split layout, so the real-data code path reads it.
 
 Relation rule: object A is "left of" / "right of" B only when the horizontal centre
 separation is at least `RELATION_AXIS_RATIO` times the vertical one AND their horizontal
@@ -16,6 +18,7 @@ originals with "left of" and "right of" exchanged (`data.augment.flip_captions: 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -48,7 +51,7 @@ SIZES: dict[str, float] = {"small": 0.14, "large": 0.28}
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
-SINGLE_TEMPLATES: tuple[str, ...] = ("a {obj}", "there is a {obj}", "an image with a {obj}")
+LIST_TEMPLATES: tuple[str, ...] = ("{objects}", "there is {objects}", "an image with {objects}")
 RELATION_TEMPLATES: tuple[str, ...] = (
     "a {a} {rel} a {b}",
     "a {a} is {rel} a {b}",
@@ -56,7 +59,7 @@ RELATION_TEMPLATES: tuple[str, ...] = (
 )
 
 CAPTIONS_PER_IMAGE = 5
-MIN_OBJECTS = 3  # with at most two objects per caption, three objects keep every caption partial
+MIN_OBJECTS = 4  # with at most three objects per caption, four objects keep every caption partial
 MAX_OBJECTS = 6  # more large objects rarely fit without overlap
 MIN_IMAGE_SIZE = 32
 
@@ -66,11 +69,10 @@ BACKGROUND_NOISE = 6  # max absolute deviation of the grey noise: mild texture, 
 RELATION_AXIS_RATIO = 2.0
 # Relational captions per image, one of these at random; fewer when the scene lacks related pairs.
 RELATIONAL_CAPTION_TARGETS: tuple[int, ...] = (2, 3)
-SIZE_MENTION_PROBABILITY = 0.5
 
-# Gaps between objects' bounding circles (a fraction of the image side: 2 px at 64 px) and to
+# Gaps between objects' bounding circles (a fraction of the image side: 3 px at 64 px) and to
 # the image edge (in pixels), so anti-aliased edges neither touch nor get clipped.
-OBJECT_GAP = 2.0 / 64
+OBJECT_GAP = 3.0 / 64
 EDGE_MARGIN = 1.0
 PLACEMENT_ATTEMPTS = 64
 
@@ -222,54 +224,49 @@ def spatial_relation(a: SceneObject, b: SceneObject) -> str | None:
 def describe_scene(
     objects: list[SceneObject], rng: np.random.Generator, n_captions: int = CAPTIONS_PER_IMAGE
 ) -> list[tuple[str, tuple[int, ...]]]:
-    """Captions about distinct subsets of one or two objects, with the indices each mentions.
+    """Captions about distinct subsets of two or three objects, with the indices each mentions.
 
-    Two-object captions state the pair's relation, so only related pairs qualify; their
-    number follows RELATIONAL_CAPTION_TARGETS where the scene allows. A two-object caption's
-    indices are in order of mention (subject first). Raises SceneTooSimpleError when the
-    scene has fewer than `n_captions` describable subsets.
+    A related pair (see `spatial_relation`) is described with its relation, any other
+    subset as a list ("a X, a Y and a Z"). Relational captions follow
+    RELATIONAL_CAPTION_TARGETS where the scene allows; the rest are triples, then
+    unrelated pairs. Indices are in order of mention (a relation's subject first).
+    Raises SceneTooSimpleError when the scene has fewer than `n_captions` such subsets.
     """
-    related_pairs = [
-        (i, j)
-        for i in range(len(objects))
-        for j in range(i + 1, len(objects))
-        if spatial_relation(objects[i], objects[j]) is not None
-    ]
-    fewest_pairs = max(n_captions - len(objects), 0)
-    most_pairs = min(len(related_pairs), n_captions)
-    if fewest_pairs > most_pairs:
-        raise SceneTooSimpleError(
-            f"{len(objects)} objects with {len(related_pairs)} related pairs "
-            f"cannot give {n_captions} distinct captions"
-        )
-    wanted_pairs = RELATIONAL_CAPTION_TARGETS[int(rng.integers(len(RELATIONAL_CAPTION_TARGETS)))]
-    n_pairs = min(max(wanted_pairs, fewest_pairs), most_pairs)
-    pair_picks = rng.permutation(len(related_pairs))[:n_pairs]
-    single_picks = rng.permutation(len(objects))[: n_captions - n_pairs]
-    subsets = [related_pairs[k] for k in pair_picks] + [(int(i),) for i in single_picks]
+    n = len(objects)
+    pairs = list(itertools.combinations(range(n), 2))
+    related = [pair for pair in pairs if spatial_relation(objects[pair[0]], objects[pair[1]]) is not None]
+    unrelated = [pair for pair in pairs if pair not in related]
+    triples = list(itertools.combinations(range(n), 3))
+    if len(pairs) + len(triples) < n_captions:
+        raise SceneTooSimpleError(f"{n} objects cannot give {n_captions} distinct captions")
+    wanted = RELATIONAL_CAPTION_TARGETS[int(rng.integers(len(RELATIONAL_CAPTION_TARGETS)))]
+    related = [related[k] for k in rng.permutation(len(related))]
+    lists = [triples[k] for k in rng.permutation(len(triples))] + [unrelated[k] for k in rng.permutation(len(unrelated))]
+    n_related = min(len(related), max(wanted, n_captions - len(lists)))
+    subsets = related[:n_related] + lists[: n_captions - n_related]
 
     captions = []
     for subset_index in rng.permutation(len(subsets)):
         subset = subsets[subset_index]
-        if len(subset) == 1:
-            template = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))]
-            text = template.format(obj=_phrase(objects[subset[0]], rng))
-        else:
+        if subset in related:
             if rng.random() < 0.5:  # either object may be the subject
                 subset = subset[::-1]
             subject, reference = objects[subset[0]], objects[subset[1]]
             template = RELATION_TEMPLATES[int(rng.integers(len(RELATION_TEMPLATES)))]
             text = template.format(
-                a=_phrase(subject, rng), rel=spatial_relation(subject, reference), b=_phrase(reference, rng)
+                a=_phrase(subject), rel=spatial_relation(subject, reference), b=_phrase(reference)
             )
-        captions.append((text, tuple(subset)))
+        else:
+            subset = tuple(int(i) for i in rng.permutation(subset))
+            phrases = [f"a {_phrase(objects[i])}" for i in subset]
+            template = LIST_TEMPLATES[int(rng.integers(len(LIST_TEMPLATES)))]
+            text = template.format(objects=", ".join(phrases[:-1]) + " and " + phrases[-1])
+        captions.append((text, tuple(int(i) for i in subset)))
     return captions
 
 
-def _phrase(obj: SceneObject, rng: np.random.Generator) -> str:
-    if rng.random() < SIZE_MENTION_PROBABILITY:
-        return f"{obj.size} {obj.colour} {obj.shape}"
-    return f"{obj.colour} {obj.shape}"
+def _phrase(obj: SceneObject) -> str:
+    return f"{obj.size} {obj.colour} {obj.shape}"
 
 
 def _split_code(split: str) -> int:
@@ -342,7 +339,8 @@ def generate_dataset(
                     file_name = f"{split}_{local_index:06d}.jpg"
                     # Seeded per image, so an image does not depend on generation order or other splits.
                     rng = np.random.default_rng([seed, _split_code(split), local_index])
-                    objects, captions = _sample_described_scene(rng, image_size, min_objects, max_objects)
+                    objects = sample_scene(rng, image_size, min_objects, max_objects)
+                    captions = describe_scene(objects, rng)
                     bgr = cv2.cvtColor(render_scene(objects, image_size, rng), cv2.COLOR_RGB2BGR)
                     if not cv2.imwrite(str(image_tmp / file_name), bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
                         raise OSError(f"could not write image {image_tmp / file_name}")
@@ -361,17 +359,6 @@ def generate_dataset(
                 _write_lines(caption_tmp / f"{split}_caps.txt", caption_lines)
                 _write_lines(caption_tmp / f"{split}_ids.txt", id_lines)
         (caption_tmp / "id_mapping.json").write_text(json.dumps(id_mapping, indent=0) + "\n", encoding="utf-8")
-
-
-def _sample_described_scene(
-    rng: np.random.Generator, image_size: int, min_objects: int, max_objects: int
-) -> tuple[list[SceneObject], list[tuple[str, tuple[int, ...]]]]:
-    while True:
-        objects = sample_scene(rng, image_size, min_objects, max_objects)
-        try:
-            return objects, describe_scene(objects, rng)
-        except SceneTooSimpleError:
-            continue
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
