@@ -1,8 +1,8 @@
 """The best recall any model can reach on the embedded synthetic test split.
 
 A caption names two or three objects (size, colour and shape each), either a related
-pair with its relation or a list, so a few test images besides its own can match it. From the scene metadata (`scenes.jsonl`) this
-finds, for every caption, the test images it is true of, and scores two ideal models:
+pair with its relation or a list, so a few test images besides its own can match it.
+From the scene metadata (`scenes.jsonl`) this finds, for every caption, the test images it is true of, and scores two ideal models:
 
 - `uniform`: knows exactly which images a caption is true of, ranks them in random order;
 - `bayes`: ranks as well as possible: for text-to-image the same (the matching images are
@@ -22,25 +22,24 @@ from pathlib import Path
 
 import numpy as np
 
-from avse.data.synthetic import SceneObject, spatial_relation
+from avse.data.synthetic import RELATIONS, SceneObject, spatial_relation
 
 KS = (1, 5, 10)
-RELATION = re.compile(r"(left of|right of|above|below)")
+RELATION = re.compile("|".join(RELATIONS))
 
 
 def caption_terms(text: str, scene: list[dict], mentioned: list[int]) -> tuple[list[tuple[str, str, str]], str | None]:
     """What a caption requires: the (size, colour, shape) of each object named, and the relation if any."""
     terms = [(scene[i]["size"], scene[i]["colour"], scene[i]["shape"]) for i in mentioned]
     relation = RELATION.search(text)
-    return terms, relation.group(1) if relation else None
+    return terms, relation.group(0) if relation else None
 
 
 def scene_facts(objects: list[SceneObject]) -> tuple[set, set]:
     """The (size, colour, shape) kinds a scene shows, and its (kind, relation, kind) facts."""
     kinds = [(obj.size, obj.colour, obj.shape) for obj in objects]
-    relations = {(kinds[i], spatial_relation(a, b), kinds[j])
-                 for (i, a), (j, b) in itertools.permutations(enumerate(objects), 2) if spatial_relation(a, b)}
-    return set(kinds), relations
+    relations = {(kinds[i], spatial_relation(objects[i], objects[j]), kinds[j]) for i, j in itertools.permutations(range(len(objects)), 2)}
+    return set(kinds), relations  # unrelated pairs add (kind, None, kind), which no caption asks for
 
 
 def true_of(facts: tuple[set, set], terms: list[tuple[str, str, str]], relation: str | None) -> bool:

@@ -261,7 +261,7 @@ def describe_scene(
             phrases = [f"a {_phrase(objects[i])}" for i in subset]
             template = LIST_TEMPLATES[int(rng.integers(len(LIST_TEMPLATES)))]
             text = template.format(objects=", ".join(phrases[:-1]) + " and " + phrases[-1])
-        captions.append((text, tuple(int(i) for i in subset)))
+        captions.append((text, tuple(subset)))
     return captions
 
 
