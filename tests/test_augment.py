@@ -138,11 +138,11 @@ def test_real_flickr30k_captions_swap_left_and_right(f30k_fixtures):
 def test_a_flipped_synthetic_image_is_the_mirrored_scene_with_swapped_relations():
     rng, size, related = np.random.default_rng(0), 64, 0
     for _ in range(20):
-        scene = sample_scene(rng, size, 3, 4)
+        scene = sample_scene(rng, size, 4, 4)
         mirrored = [dataclasses.replace(obj, x=size - 1 - obj.x) for obj in scene]
         # Every shape is mirror-symmetric: the flipped picture is the mirrored scene up to anti-aliased edges.
         difference = np.abs(np.fliplr(render_scene(scene, size)).astype(int) - render_scene(mirrored, size))
-        assert difference.max() <= 16 and (difference > 0).mean() < 0.05
+        assert difference.max() <= 16 and (difference > 0).mean() < 0.08  # edges of four objects
         for a, b in itertools.permutations(range(len(scene)), 2):
             relation = spatial_relation(scene[a], scene[b])
             assert spatial_relation(mirrored[a], mirrored[b]) == (relation and swap_left_right(relation))

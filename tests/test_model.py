@@ -83,7 +83,7 @@ def test_image_embedding_views_are_unit_norm_and_eval_is_deterministic(vision):
 
 
 def test_vit_views_run_the_kept_tokens_only():
-    model = build_model(config(keep_ratio=0.5, eval_keep_ratio=0.25, size_augment=False), vocab_size=100)
+    model = build_model(config(vision={"name": "vit-tiny"}, keep_ratio=0.5, eval_keep_ratio=0.25, size_augment=False), vocab_size=100)
     encoder = model.image_encoder
     pixels = encoder.normalize_pixels(batch(2, 64)[0])
     model.train()
@@ -97,7 +97,7 @@ def test_vit_views_run_the_kept_tokens_only():
 def test_nearest_training_views_are_the_nearest_patches_of_seeded_patch_centres():
     from avse.model.sampling import radial_bias_indices, view_centres
 
-    model = build_model(config(view_sampling="nearest", keep_count="tokens"), vocab_size=100).train()
+    model = build_model(config(vision={"name": "vit-tiny"}, view_sampling="nearest", keep_count="tokens"), vocab_size=100).train()
     encoder = model.image_encoder
     pixels = encoder.normalize_pixels(batch(3, 64)[0])
     _, indices = encoder.view_tokens(pixels, torch.Generator().manual_seed(7))
