@@ -88,7 +88,7 @@ def reference_params(params_file: Path = Path(PARAMS_FILE)) -> dict[str, Any]:
 
 def run_name(config: Config, reference: dict[str, Any] | None = None, experiment: str | None = None) -> str:
     """`<dataset>-<backbone>`, then the DVC experiment's name when there is one, else the settings that
-    differ from `reference` (the committed `params.yaml`), e.g. `synthetic-vit-tiny-block_dim256-views1`."""
+    differ from `reference` (the committed `params.yaml`), e.g. `synthetic-vit-tiny-p16-block_dim256-views1`."""
     base = f"{config.data.dataset}-{config.model.vision.name.rstrip('/').split('/')[-1]}"
     experiment = os.environ.get("DVC_EXP_NAME", "") if experiment is None else experiment
     if experiment:

@@ -1,6 +1,6 @@
 """A trained model as an MLflow model: a `pyfunc` that embeds captions and images, loadable with no project checkout.
 
-    model = mlflow.pyfunc.load_model("models:/avse-synthetic-vit-tiny-64@champion")
+    model = mlflow.pyfunc.load_model("models:/avse-synthetic-vit-tiny-p16-64@champion")
     captions = model.predict(pd.DataFrame({"caption": ["a red circle"]}))          # embedding [embed_size]
     images = model.predict(pd.DataFrame({"image": [Path("a.jpg").read_bytes()]}))  # embedding [views * embed_size]
 
