@@ -269,7 +269,8 @@ def test_the_readme_import_path_embeds_whole_jpeg_files_at_the_checkpoints_resol
     (captions / "test_ids.txt").write_text("".join(f"{i}\n" for i in range(len(paths)) for _ in range(5)))
     (captions / "id_mapping.json").write_text(json.dumps({str(i): path.name for i, path in enumerate(paths)}))
     overrides = ["data.dataset=f30k", f"data.root={captions}", f"data.images={tmp_path}", "data.cache_res=0",
-                 f"model.text.name={bert_folder}", "tracking.enabled=false"]
+                 f"model.text.name={bert_folder}", "tracking.enabled=false",
+                 "train.precision=fp32"]  # `auto` embeds in bf16 on a CPU with bf16 units; the reference is fp32
     config = load_config(REPO / "params.yaml", overrides)
     pipeline.prepare(config)
     pipeline.import_checkpoint(source, REPO / "params.yaml", overrides, out_dir=tmp_path / "models")
