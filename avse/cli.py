@@ -130,6 +130,36 @@ def _cmd_tracking_sync(args: argparse.Namespace) -> None:
     print(f"sent {sync_unsent(Path(args.file))} metric records to MLflow")
 
 
+def _cmd_exp(args: argparse.Namespace) -> None:
+    import shlex
+    import subprocess
+
+    from avse.experiments import load_experiments, markdown_table, select
+
+    experiments = load_experiments(args.experiments)
+    if args.table:
+        print(markdown_table(experiments))
+        return
+    if args.list or not args.names:
+        width = max(map(len, experiments))
+        for e in experiments.values():
+            print(f"{e.name:<{width}}  {e.title}, {e.processes} process(es), evaluated on the {e.evaluation}")
+        return
+    for experiment in select(experiments, args.names):
+        if args.show:
+            print(f"# {experiment.name}: {experiment.title}")
+            print("\n".join(experiment.overrides()))
+            continue
+        experiment.config(args.params, args.overrides)  # a wrong extra -S stops here, not inside dvc
+        commands = [experiment.run_command(args.queue, args.overrides)]
+        if args.evaluate:  # the experiment's outputs into the workspace, then whatever of embed/evaluate is missing
+            commands = [["dvc", "exp", "apply", experiment.name], ["dvc", "repro", "evaluate"]]
+        for command in commands:
+            print(shlex.join(command), flush=True)
+            if not args.print_only and subprocess.run(command).returncode:
+                raise AvseError(f"{experiment.name}: `{shlex.join(command)}` failed; see the messages above")
+
+
 def _cmd_params(args: argparse.Namespace) -> None:
     for key, value in _config(args).flat().items():
         print(f"{key}: {value}")
@@ -206,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("tracking-sync", help="send metrics kept while the MLflow store was unreachable")
     sub.add_argument("file", nargs="?", default="metrics/untracked.jsonl")
     sub.set_defaults(run=_cmd_tracking_sync)
+
+    sub = commands.add_parser("exp", help="run a named experiment of experiments.yaml (the paper's rows) as one `dvc exp run`")
+    _add_config_options(sub)
+    sub.add_argument("names", nargs="*", metavar="NAME", help="experiment names or shell patterns (f30k-*); none: list them")
+    sub.add_argument("--experiments", default="experiments.yaml", help="experiments file (default: %(default)s)")
+    sub.add_argument("--list", action="store_true", help="list the experiments")
+    sub.add_argument("--show", action="store_true", help="print each experiment's settings as -S overrides")
+    sub.add_argument("--table", action="store_true", help="print the experiments as the README's markdown table")
+    sub.add_argument("--queue", action="store_true", help="queue instead of running (`dvc queue start` runs the queue)")
+    sub.add_argument("--evaluate", action="store_true", help="bring a finished experiment's results into the workspace "
+                                                             "(`dvc exp apply`) and rerun what embed/evaluate lack")
+    sub.add_argument("--print", dest="print_only", action="store_true", help="print the dvc commands without running them")
+    sub.set_defaults(run=_cmd_exp)
 
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
     _add_config_options(sub)

@@ -11,7 +11,7 @@ from avse.training import optim
 from avse.training.distributed import DistContext
 from avse.training.batches import GlobalBatchSampler
 from avse.training.checkpoint import training_hash
-from avse.training.loop import optimizer_step
+from avse.training.loop import TrainingError, optimizer_step
 
 from conftest import REPO, run
 
@@ -150,3 +150,12 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, loss):
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 20
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_trainable_parameter_without_a_gradient_stops_the_step_with_its_name():
+    """What DistributedDataParallel would stop on at the next step, named at the first, on one process too."""
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(2, 1), "idle": torch.nn.Linear(2, 1)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model["used"](torch.ones(1, 2)).sum().backward()
+    with pytest.raises(TrainingError, match=r"^2 trainable parameters got no gradient \(idle.weight, idle.bias\)"):
+        optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), grad_clip=2.0)

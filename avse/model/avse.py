@@ -29,6 +29,7 @@ class AVSE(nn.Module):
         super().__init__()
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.block_dim, self.matching, self.sinkhorn_iters = block_dim, matching, sinkhorn_iters
+        # Both are built in every configuration, so that checkpoints have one layout; `unused_parameters` says when they are idle.
         self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))  # used by the InfoNCE loss
         self.dustbin = nn.Parameter(torch.tensor(1.0))  # used by Sinkhorn matching
 
@@ -52,6 +53,19 @@ class AVSE(nn.Module):
 
     def scaled_logit_scale(self) -> Tensor:
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE)
+
+    def unused_parameters(self, loss: str) -> list[str]:
+        """Names of the parameters that training with `loss` never uses in this configuration.
+
+        They are kept (checkpoints, official imports and pretrained folders hold them) but must be
+        frozen: DistributedDataParallel expects a gradient for every parameter that requires one.
+        """
+        unused = [f"image_encoder.{name}" for name in self.image_encoder.unused_parameters()]
+        if loss != "infonce":
+            unused.append("logit_scale")
+        if self.matching != "sinkhorn":
+            unused.append("dustbin")
+        return unused
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Backbone and head parameters, each split into decayed weights and undecayed norms and biases."""
@@ -87,10 +101,15 @@ def build_model(config: Config, vocab_size: int | None, vision_image_size: int |
     )
     text_encoder = TextEncoder(text, model_cfg.embed_size, model_cfg.text_mlp_norm, model_cfg.text_dropout)
     model = AVSE(image_encoder, text_encoder, model_cfg.block_dim, model_cfg.matching, model_cfg.sinkhorn_iters)
-    # Parameters the configured objective never uses must not expect gradients (DDP checks).
-    model.logit_scale.requires_grad_(config.train.loss == "infonce")
-    model.dustbin.requires_grad_(model_cfg.matching == "sinkhorn")
+    parameters = dict(model.named_parameters())
+    for name in model.unused_parameters(config.train.loss):
+        parameters[name].requires_grad_(False)
     return model
+
+
+def parameters_without_gradient(model: nn.Module) -> list[str]:
+    """Trainable parameters that the last backward pass left without a gradient (DDP stops on any)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
 
 
 def random_backbones(config: Config) -> Config:

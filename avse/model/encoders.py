@@ -95,6 +95,12 @@ class ImageEncoder(nn.Module):
         self.proj = nn.Linear(hidden, embed_size)
         self.gpo = GPO()
 
+    def unused_parameters(self) -> list[str]:
+        """Backbone parameters this configuration never uses: ViT's final LayerNorm when it is skipped."""
+        if self.family == "vit" and not self.final_norm:
+            return [f"backbone.layernorm.{name}" for name, _ in self.backbone.layernorm.named_parameters()]
+        return []
+
     def normalize_pixels(self, images: Tensor) -> Tensor:
         """uint8 `[B, 3, H, W]` -> normalised float `[B, 3, H, W]`."""
         return (images.float() / 255.0 - self.pixel_mean) / self.pixel_std

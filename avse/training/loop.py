@@ -31,7 +31,7 @@ from avse.errors import AvseError
 from avse.evaluation.embed import encode_captions, encode_images
 from avse.evaluation.recall import recall_metrics
 from avse.io import atomic_path, write_json
-from avse.model.avse import AVSE, build_model
+from avse.model.avse import AVSE, build_model, parameters_without_gradient
 from avse.progress import progress
 from avse.run_info import run_name, run_tags, split_inputs
 from avse.tracking import Tracker
@@ -94,6 +94,12 @@ def forward_backward(
 
 def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> bool:
     """Clip and apply the accumulated gradients; returns False (and applies nothing) if they are not finite."""
+    if missing := parameters_without_gradient(model):
+        # Under DistributedDataParallel the next step would stop with "Expected to have finished reduction".
+        raise TrainingError(
+            f"{len(missing)} trainable parameters got no gradient ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): "
+            "the model builds a part this configuration does not use without freezing it (AVSE.unused_parameters)"
+        )
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     # Gradients are identical on every rank after DDP's all-reduce, so all ranks decide alike.
