@@ -7,6 +7,8 @@ Names outside the registry are hub ids or local folders holding a `config.json`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +18,7 @@ from transformers import AutoConfig, BertConfig, BertModel, PretrainedConfig, Pr
 from avse.config import BackboneConfig
 from avse.errors import ConfigError
 
+log = logging.getLogger("avse.model")
 Family = Literal["vit", "swin", "bert"]
 ATTENTION = "sdpa"  # fused scaled-dot-product attention on CPU and GPU
 
@@ -119,7 +122,40 @@ def build(
     if spec.init == "random":
         return family, model_class(config, add_pooling_layer=False)
     try:
-        model = model_class.from_pretrained(source(spec.name), config=config, add_pooling_layer=False)
+        with _without_load_report():
+            # Mismatched shapes come back in the report (and stop the run below) instead of as an exception.
+            model, report = model_class.from_pretrained(source(spec.name), config=config, add_pooling_layer=False,
+                                                        ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{key}.name: cannot load pretrained weights from {spec.name!r}: {str(err).splitlines()[0]}") from None
+    log.info(loaded_weights_line(key, spec.name, model, report))
     return family, model
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers logs a table of every key it did not load; `loaded_weights_line` says the same in one line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop_report = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731 (a logging filter)
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+def loaded_weights_line(key: str, name: str, model: PreTrainedModel, report: dict) -> str:
+    """One line on what `from_pretrained` loaded; a weight left at random initialisation is an error.
+
+    `report` is transformers' loading info: `missing_keys`, `mismatched_keys` (name, saved shape,
+    model shape) and `unexpected_keys`, the saved weights nothing uses (the pooling head, which
+    AVSE replaces with its own pooling).
+    """
+    missing = sorted(report["missing_keys"]) + sorted(f"{k} (saved {tuple(a)}, built {tuple(b)})" for k, a, b in report["mismatched_keys"])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"{key}.name: {name!r} has no weights for {len(missing)} parameters of the model ({shown}); "
+                          "is it a checkpoint of this architecture?")
+    unused = sorted(report["unexpected_keys"])
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    return f"{key}: {millions:.3g}M parameters loaded from {name}" + (f"; saved but not used: {', '.join(unused)}" if unused else "")
