@@ -55,6 +55,19 @@ def _cpu_training_precision(dtype: torch.dtype):
         yield
 
 
+def recompute_as_forward() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Contexts of activation checkpointing (`torch.utils.checkpoint`'s `context_fn`): (forward, recomputation).
+
+    The recomputation runs in the backward pass, outside the `sdpa_kernel` context that chose
+    the forward pass's attention kernels (see `autocast`): it must use the same kernels, or it
+    computes other tensors than the ones the forward pass saved.
+    """
+    backends = {SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled, SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+                SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+                SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled}
+    return contextlib.nullcontext(), sdpa_kernel([backend for backend, enabled in backends.items() if enabled()])
+
+
 def retain_freed_memory() -> bool:
     """Keep freed host memory in the process (glibc only) instead of returning it to the OS.
 

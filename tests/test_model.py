@@ -165,3 +165,36 @@ def test_single_view_full_block_similarity_is_cosine():
         img, cap = model(images, input_ids, mask)
         expected = torch.nn.functional.normalize(img, dim=1) @ torch.nn.functional.normalize(cap, dim=1).T
         torch.testing.assert_close(model.similarity(img, cap), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vision, block", [("vit-tiny", "ViTLayer"), ("swin-tiny", "SwinLayer")])
+def test_activation_checkpointing_recomputes_each_block_for_the_same_gradients(vision, block, dtype):
+    """train.grad_checkpointing: every transformer block of both backbones runs again in the backward pass
+    (once: a Swin stage is not checkpointed around its checkpointed blocks), and the gradients are the same bits.
+    In bf16 the recomputation runs attention with the forward pass's kernels, chosen in a context it has left."""
+    from avse.compute import autocast
+    from avse.training.distributed import DistContext
+    from avse.training.objective import contrastive_loss
+
+    images, input_ids, mask = batch(4, 64)
+    results = []
+    for checkpointing in (False, True):
+        cfg = from_dict({"model": {"vision": {"name": vision}, "text_dropout": 0.2}, "train": {"grad_checkpointing": checkpointing}})
+        torch.manual_seed(0)
+        model = build_model(cfg, vocab_size=100).train()
+        calls = {"vision": 0, "text": 0}
+        for part, encoder in (("vision", model.image_encoder), ("text", model.text_encoder)):
+            for module in encoder.backbone.modules():
+                if type(module).__name__ in (block, "BertLayer"):  # counted inside the block, where recomputation runs
+                    next(module.children()).register_forward_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
+        torch.manual_seed(1)  # dropout and views draw alike in both runs
+        with autocast(torch.device("cpu"), dtype):
+            img, cap = model(images, input_ids, mask)
+        contrastive_loss(model, img, cap, torch.arange(4), DistContext(0, 0, 1, torch.device("cpu")), cfg, epoch=1).backward()
+        results.append(({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls))
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = results
+    assert plain_calls == {"vision": 4, "text": 2}  # 4 vision blocks, 2 BERT layers
+    assert checkpointed_calls == {"vision": 8, "text": 4}
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.equal(plain[name], checkpointed[name]) for name in plain)

@@ -12,7 +12,9 @@ import math
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from avse.compute import recompute_as_forward
 from avse.config import Config
 from avse.errors import ConfigError
 from avse.model import backbones
@@ -67,6 +69,20 @@ class AVSE(nn.Module):
             unused.append("dustbin")
         return unused
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each transformer block of both backbones in the backward pass instead of keeping its activations.
+
+        Only the innermost blocks are checkpointed (a Swin stage holds checkpointed blocks: checkpointing it
+        too would recompute them twice). The random state is replayed, so gradients do not change.
+        """
+        for backbone in (self.image_encoder.backbone, self.text_encoder.backbone):
+            backbone.config.use_cache = False  # BERT's key/value cache, unused here, would be switched off with a warning
+            backbone.activation_checkpointing_enable({"use_reentrant": False, "context_fn": recompute_as_forward})
+            for module in backbone.modules():
+                if isinstance(module, GradientCheckpointingLayer) and any(
+                        isinstance(inner, GradientCheckpointingLayer) for inner in list(module.modules())[1:]):
+                    module.gradient_checkpointing = False
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Backbone and head parameters, each split into decayed weights and undecayed norms and biases."""
         groups: dict[str, list[nn.Parameter]] = {"backbone": [], "backbone_no_decay": [], "head": [], "head_no_decay": []}
@@ -104,6 +120,8 @@ def build_model(config: Config, vocab_size: int | None, vision_image_size: int |
     parameters = dict(model.named_parameters())
     for name in model.unused_parameters(config.train.loss):
         parameters[name].requires_grad_(False)
+    if config.train.grad_checkpointing:
+        model.enable_activation_checkpointing()
     return model
 
 
