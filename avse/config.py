@@ -219,18 +219,24 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_config(path: str | Path = PARAMS_FILE, overrides: typing.Sequence[str] = ()) -> Config:
     """Read `params.yaml`, apply `key=value` overrides, and validate everything."""
+    raw = read_yaml_mapping(path, "run from the project root or pass --params")
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(raw)
+
+
+def read_yaml_mapping(path: str | Path, missing_hint: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty for an empty file); any other content stops with the file's name."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (run from the project root or pass --params)") from None
+        raise ConfigError(f"{path}: file not found ({missing_hint})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override)
-    return from_dict(raw)
+    return raw
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

@@ -15,10 +15,14 @@ from typing import Any, Sequence
 
 import yaml
 
-from avse.config import PARAMS_FILE, Config, load_config
+from avse.config import PARAMS_FILE, Config, load_config, read_yaml_mapping
 from avse.errors import ConfigError
 
 EXPERIMENTS_FILE = "experiments.yaml"
+# A row's architecture at full size with nothing to download, for timing and memory: random weights of the
+# same shapes (BERT keeps its 30522-token vocabulary) and captions of 96 word pieces (every Flickr30K caption
+# fits; the rows do not truncate, and a dry run would otherwise assume BERT's 512 positions).
+FULL_SIZE_RANDOM = ["model.vision.init=random", "model.text.init=random", "data.vocab_size=30522", "model.text.max_len=96"]
 
 
 @dataclass(frozen=True)
@@ -59,13 +63,7 @@ def format_value(value: Any) -> str:
 
 def load_experiments(path: str | Path = EXPERIMENTS_FILE) -> dict[str, Experiment]:
     """Every experiment of the file by name; a malformed file stops with the entry that is wrong."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (run from the project root)") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    raw = read_yaml_mapping(path, "run from the project root or pass --experiments")
     groups = _mapping(raw["groups"], f"{path}: groups") if "groups" in raw else {}
     for group, settings in groups.items():
         _settings(settings, f"{path}: groups.{group}")

@@ -6,7 +6,7 @@ with randomly initialised backbones (the cost does not depend on the weights). F
 per step are counted once with torch's FLOP counter; MFU is achieved FLOP/s over the
 device's dense bf16 peak (`--peak-tflops`, or the table below by device name).
 
-    python benchmarks/gpu.py                  # ViT-B/16 224 batch 128, ViT-B/16 384 batch 64, COCO 5K
+    python benchmarks/gpu.py                  # the ViT rows f30k-vit-224 and f30k-vit-384 (per-process batch), COCO 5K
     python benchmarks/gpu.py --tiny           # seconds on a CPU: small models, small matrices
 """
 
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from avse.compute import resolve_precision
 from avse.config import load_config
+from avse.experiments import FULL_SIZE_RANDOM, load_experiments
 from avse.model.avse import build_model
 from avse.model.similarity import meta_similarity
 from avse.training.distributed import DistContext
@@ -29,14 +31,10 @@ from avse.training.optim import build_optimizer
 
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-PAPER = ["model.text.name=bert-base-uncased", "model.embed_size=1024", "model.block_dim=256", "train.loss=hinge",
-         "model.vision.init=random", "model.text.init=random", "train.precision=auto", "train.warmup_epochs=0"]
-RUNS = {
-    "ViT-B/16 224, batch 128": ["model.vision.name=google/vit-base-patch16-224-in21k", "data.img_res=224", "train.batch_size=128"],
-    "ViT-B/16 384, batch 64": ["model.vision.name=google/vit-base-patch16-384", "data.img_res=384", "train.batch_size=64"],
-}
+# The paper's ViT rows (experiments.yaml) at full size, one process each, in the default precision.
+ROWS = ("f30k-vit-224", "f30k-vit-384")
 TINY_RUNS = {"vit-tiny 64, batch 16": ["model.vision.name=vit-tiny", "model.text.name=bert-tiny", "model.embed_size=256",
-                                       "model.block_dim=64", "data.img_res=64", "train.batch_size=16"]}
+                                       "model.block_dim=64", "data.img_res=64", "train.batch_size=16", "train.loss=hinge"]}
 COCO_5K = (5000, 25000)
 
 
@@ -95,11 +93,15 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    runs = TINY_RUNS if args.tiny else RUNS
-    paper = [o for o in PAPER if not (args.tiny and o.startswith(("model.text.name", "model.embed_size", "model.block_dim")))]
+    if args.tiny:
+        runs = TINY_RUNS
+    else:
+        experiments = load_experiments(Path(__file__).resolve().parents[1] / "experiments.yaml")
+        runs = {f"{name}, batch {experiments[name].settings['train.batch_size']}":
+                [*experiments[name].overrides(), *FULL_SIZE_RANDOM, "train.precision=auto", "train.nproc_per_node=1"] for name in ROWS}
     print(f"device: {name}, torch {torch.__version__}")
     for label, overrides in runs.items():
-        result = training(paper + overrides, args.steps, device)
+        result = training(overrides, args.steps, device)
         tflops = result["flops"] / result["seconds"] / 1e12
         mfu = f"{tflops / peak:.1%}" if peak else "n/a (no known peak: --peak-tflops)"
         memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""

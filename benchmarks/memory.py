@@ -28,11 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from avse.experiments import load_experiments, select  # noqa: E402
+from avse.experiments import FULL_SIZE_RANDOM, load_experiments, select  # noqa: E402
 
 GPUS_GB = (24, 40, 80)
-MEASURED = ["model.vision.init=random", "model.text.init=random", "data.vocab_size=30522", "model.text.max_len=96",
-            "train.precision=bf16", "data.num_workers=0", "tracking.enabled=false"]
+MEASURED = [*FULL_SIZE_RANDOM, "train.precision=bf16", "data.num_workers=0", "tracking.enabled=false"]
 
 
 def peak_mb(overrides: list[str], steps: int) -> tuple[float, float]:
