@@ -49,6 +49,7 @@ def test_paper_architectures_dry_run_randomly_initialised(vision, img_res, visio
     assert report["params_vision_m"] == pytest.approx(vision_params, abs=0.1)
     assert report["params_text_m"] == pytest.approx(108.9, abs=0.1)  # BERT-base without its pooler
     assert report["seconds_per_step"] > 0
+    assert 0 < report["backward_peak_mb"] <= report["peak_memory_mb"]  # the first backward pass, then the optimiser's state
     assert f"dry run: {vision} + bert-base-uncased at {img_res}px, batch 2" in capsys.readouterr().out
 
 
