@@ -30,7 +30,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision != "auto":
         return PRECISIONS[precision]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (V100, T4) is slow: those GPUs train in fp16 with loss scaling.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 

@@ -71,6 +71,26 @@ def test_precision(monkeypatch):
     assert compute.resolve_precision("auto", CPU) == torch.bfloat16
 
 
+@pytest.mark.parametrize("native, emulated, expected", [(True, True, torch.bfloat16), (False, True, torch.float16), (False, False, torch.float16)])
+def test_auto_precision_on_gpus_takes_bf16_only_where_it_is_native(monkeypatch, native, emulated, expected):
+    """V100 and T4 emulate bf16 (slowly): `auto` trains them in fp16 with loss scaling."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: emulated if including_emulation else native)
+    assert compute.resolve_precision("auto", torch.device("cuda", 0)) == expected
+
+
+def test_steps_the_fp16_scaler_skips_are_reported_as_not_applied():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = model.weight.detach().clone()
+    scaler.scale(model(torch.tensor([[float("inf"), 1.0]])).sum()).backward()
+    assert not optimizer_step(model, optimizer, scaler, grad_clip=2.0)
+    assert torch.equal(model.weight, before) and scaler.get_scale() == 512.0
+    scaler.scale(model(torch.tensor([[1.0, 1.0]])).sum()).backward()
+    assert optimizer_step(model, optimizer, scaler, grad_clip=2.0)
+    assert not torch.equal(model.weight, before) and scaler.get_scale() == 512.0
+
+
 def test_cpu_bf16_attention_avoids_the_fused_kernel():
     # The fused CPU kernel's bf16 backward is several times slower than the matmul path's.
     q = torch.randn(2, 4, 16, 8, requires_grad=True)
@@ -109,14 +129,16 @@ def test_parameter_groups_and_learning_rates():
 def test_resume_hash_ignores_run_length_but_not_model_data_or_layout(tmp_path):
     (tmp_path / "train.csv").write_text("image_id,image_file,image_path,caption\n0,a.jpg,a.jpg,a dog\n")
 
-    def digest(tree=None, world=1, dtype=torch.float32):
-        return training_hash(from_dict(tree or {}), world, dtype, tmp_path)
+    def digest(tree=None, world=1, dtype=torch.float32, device=CPU):
+        return training_hash(from_dict(tree or {}), world, dtype, tmp_path, device)
 
     base = digest()
-    assert base == digest({"train": {"epochs": 50, "max_steps": 7, "log_every": 1}})
+    assert base == digest({"train": {"epochs": 50, "max_steps": 7, "log_every": 1, "grad_checkpointing": True}})
     assert base != digest({"train": {"lr": 0.1}})
     assert base != digest({"model": {"views": 1}})
     assert base != digest(world=2) and base != digest(dtype=torch.bfloat16)
+    assert base != digest(device=torch.device("cuda", 0))  # a CPU run's optimiser state does not resume on a GPU
+    assert digest(device=torch.device("cuda", 0)) == digest(device=torch.device("cuda", 1))
     (tmp_path / "train.csv").write_text("image_id,image_file,image_path,caption\n0,a.jpg,a.jpg,a cat\n")
     assert base != digest()
 

@@ -93,7 +93,8 @@ def forward_backward(
 
 
 def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> bool:
-    """Clip and apply the accumulated gradients; returns False (and applies nothing) if they are not finite."""
+    """Clip and apply the accumulated gradients; returns False (and applies nothing) if they are not finite,
+    which the fp16 loss scaler also decides for the steps it skips."""
     if missing := parameters_without_gradient(model):
         # Under DistributedDataParallel the next step would stop with "Expected to have finished reduction".
         raise TrainingError(
@@ -103,12 +104,17 @@ def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     # Gradients are identical on every rank after DDP's all-reduce, so all ranks decide alike.
-    finite = scaler.is_enabled() or bool(torch.isfinite(norm))  # the fp16 scaler skips non-finite steps itself
-    if finite:
-        scaler.step(optimizer)
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped by the scaler itself when a gradient is not finite
         scaler.update()
+        applied = scaler.get_scale() >= scale  # and then, only then, it lowers its scale
+    else:
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finite
+    return applied
 
 
 def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer, config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -174,7 +180,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
     # Resume
     state, run_id = TrainState(), None
     saved_step: int | None = None  # the step last.pt holds for this run, once there is one
-    config_hash = training_hash(config, ctx.world_size, dtype, prepared)
+    config_hash = training_hash(config, ctx.world_size, dtype, prepared, ctx.device)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last_path.exists():
         checkpoint = load_checkpoint(last_path)
