@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from avse.config import from_dict
@@ -21,6 +22,27 @@ F30K_FIXTURES = Path(os.environ.get("AVSE_F30K_FIXTURES", REPO.parent / "shared"
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+@pytest.fixture(autouse=True)
+def torch_global_settings():
+    """What a test switches globally (a training run in the test process sets deterministic algorithms and the
+    attention kernels, `torch.set_num_threads`) is put back afterwards, so that no test runs under another's."""
+    cuda = torch.backends.cuda
+    fused = (cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp, cuda.enable_math_sdp)
+    saved = ((cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled()),
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.get_num_threads())
+    yield
+    kernels, deterministic, warn_only, cudnn_deterministic, threads = saved
+    for enable, enabled in zip(fused, kernels):
+        enable(enabled)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.deterministic = cudnn_deterministic
+    torch.set_num_threads(threads)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
 
 @pytest.fixture
 def f30k_fixtures() -> Path:
@@ -109,6 +131,9 @@ def command_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str
     env.pop("MLFLOW_TRACKING_URI", None)  # set by MLflow calls made in the test process; commands choose their own store
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(cwd)
+    # Commands run on the CPU (gloo for several processes) on any machine: a GPU machine may have one GPU where a
+    # test starts two processes, and the CPU results are what the tests compare with. CUDA tests run in-process.
+    env["CUDA_VISIBLE_DEVICES"] = ""
     return env | (extra or {})
 
 

@@ -161,12 +161,16 @@ def test_non_finite_gradients_are_not_applied():
     assert not torch.equal(model.weight, before)
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
 @pytest.mark.parametrize("loss", ["infonce", "hinge"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, loss):
     worker = str(REPO / "tests" / "ddp_worker.py")
-    run([sys.executable, worker, str(tmp_path / "one.pt"), loss], cwd=REPO, timeout=180)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run([*torchrun, worker, str(tmp_path / "two.pt"), loss], cwd=REPO, timeout=180)  # a step takes seconds: longer is a hang
+    # A hang stops inside the worker (its process group times out after 60 s of waiting); the generous limit here
+    # is for a slow start on a loaded machine, which once took 180 s.
+    run([sys.executable, worker, str(tmp_path / "one.pt"), loss], cwd=REPO, timeout=600)
+    run([*TORCHRUN, "--nproc_per_node=2", worker, str(tmp_path / "two.pt"), loss], cwd=REPO, timeout=600)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["objective"] == pytest.approx(one["objective"], rel=1e-5)
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 20
@@ -181,3 +185,11 @@ def test_a_trainable_parameter_without_a_gradient_stops_the_step_with_its_name()
     model["used"](torch.ones(1, 2)).sum().backward()
     with pytest.raises(TrainingError, match=r"^2 trainable parameters got no gradient \(idle.weight, idle.bias\)"):
         optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), grad_clip=2.0)
+
+
+def test_a_process_waiting_past_the_timeout_stops_with_the_parameter_named():
+    """The other processes wait for the first one's dev evaluation no longer than train.dist_timeout_minutes."""
+    result = run([*TORCHRUN, "--nproc_per_node=2", str(REPO / "tests" / "timeout_worker.py"), "3"], cwd=REPO, check=False, timeout=300)
+    assert result.returncode != 0
+    assert ("error: process 0 waited more than train.dist_timeout_minutes (0.05) for the other processes while the first "
+            "evaluated the dev split and wrote checkpoints: one of them died or hangs") in result.stderr

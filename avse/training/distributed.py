@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from avse.errors import ConfigError
+from avse.errors import AvseError, ConfigError
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)  # train.dist_timeout_minutes
+
+
+class CollectiveTimeout(AvseError):
+    """A process waited for the others longer than the process group's timeout."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,7 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
+    timeout: timedelta = DEFAULT_TIMEOUT  # how long a collective waits for the other processes
 
     @property
     def is_main(self) -> bool:
@@ -41,8 +50,12 @@ def check_devices(nproc_per_node: int) -> None:
         )
 
 
-def init_distributed() -> DistContext:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs), or run as a single process."""
+def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> DistContext:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs), or run as a single process.
+
+    `timeout` bounds every wait for the other processes (`train.dist_timeout_minutes`), NCCL's
+    default included: past it the waiting process stops with an error naming the parameter.
+    """
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistContext(0, 0, 1, device)
@@ -57,8 +70,24 @@ def init_distributed() -> DistContext:
         # torchrun keeps its store across restarts (--max-restarts): without a prefix per attempt, the
         # processes of a restarted job find the addresses of the dead ones and cannot connect.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=world_size)
-    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=world_size,
+                                timeout=timeout)
+    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, timeout)
+
+
+@contextlib.contextmanager
+def waiting_for_the_others(ctx: DistContext, what: str):
+    """Turn a collective's timeout into one message that says what was waited for and which parameter bounds it."""
+    try:
+        yield
+    except RuntimeError as err:  # gloo's and NCCL's timeouts (DistBackendError is a RuntimeError)
+        if "timed out" not in str(err).lower():
+            raise
+        minutes = ctx.timeout.total_seconds() / 60
+        raise CollectiveTimeout(
+            f"process {ctx.rank} waited more than train.dist_timeout_minutes ({minutes:g}) for the other processes {what}: "
+            "one of them died or hangs, or the first process's dev evaluation or checkpointing takes longer (raise the parameter)"
+        ) from None
 
 
 def gather_batch(x: Tensor, ctx: DistContext) -> Tensor:
@@ -73,7 +102,8 @@ def gather_batch(x: Tensor, ctx: DistContext) -> Tensor:
     if not ctx.distributed:
         return x
     parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, x.detach().contiguous())
+    with waiting_for_the_others(ctx, "to gather the batch's embeddings"):
+        dist.all_gather(parts, x.detach().contiguous())
     if x.requires_grad:
         own = x.detach()
         parts[ctx.rank] = own + (x - own) * ctx.world_size  # the value of x, with the gradient scaled
@@ -83,17 +113,19 @@ def gather_batch(x: Tensor, ctx: DistContext) -> Tensor:
 def all_reduce_sum(x: Tensor, ctx: DistContext) -> Tensor:
     if ctx.distributed:
         x = x.clone()
-        dist.all_reduce(x)
+        with waiting_for_the_others(ctx, "to sum the loss"):
+            dist.all_reduce(x)
     return x
 
 
-def barrier(ctx: DistContext) -> None:
+def barrier(ctx: DistContext, what: str = "at a barrier") -> None:
     if ctx.distributed:
-        dist.barrier()
+        with waiting_for_the_others(ctx, what):
+            dist.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
     """Leave the process group together: a rank destroying it while another still talks can hang gloo."""
     if ctx.distributed and dist.is_initialized():
-        dist.barrier()
+        barrier(ctx, "to finish together")
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def model_metadata(config: Config, state: TrainState) -> dict:
 
 def train(config: Config, out_dir: Path) -> TrainState:
     retain_freed_memory()
-    ctx = init_distributed()
+    ctx = init_distributed(timedelta(minutes=config.train.dist_timeout_minutes))
     dtype = resolve_precision(config.train.precision, ctx.device)
     train_cfg = config.train
 
@@ -250,7 +251,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
                     "step": state.step, "epoch": state.epoch, "dev_metrics": metrics, "vocab_size": len(tokenize.tokenizer),
                     "vision_image_size": model.image_encoder.backbone.config.image_size,
                 })
-        barrier(ctx)
+        barrier(ctx, "while the first evaluated the dev split and wrote checkpoints")
 
     bar = progress(total=total_steps, initial=state.step, desc="train", unit="step", disable=not ctx.is_main)
     started, pairs_done, data_wait, window_finite = time.perf_counter(), 0, 0.0, True
