@@ -28,6 +28,7 @@ from avse.training.distributed import DistContext
 from avse.training.dry_run import random_batch
 from avse.training.loop import forward_backward, optimizer_step
 from avse.training.optim import build_optimizer
+from avse.training.seeding import set_deterministic
 
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -48,6 +49,9 @@ def training(overrides: list[str], steps: int, device: torch.device) -> dict[str
     config = load_config(overrides=overrides)
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
     dtype = resolve_precision(config.train.precision, device)
+    set_deterministic(config.train.deterministic, device)  # the kernels training runs (SDPA's math path by default)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # each configuration's own peak
     model = build_model(config, config.data.vocab_size).to(device).train()
     optimizer = build_optimizer(model, config.train)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

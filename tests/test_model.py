@@ -199,3 +199,39 @@ def test_activation_checkpointing_recomputes_each_block_for_the_same_gradients(v
     assert checkpointed_calls == {"vision": 8, "text": 4}
     assert plain.keys() == checkpointed.keys()
     assert all(torch.equal(plain[name], checkpointed[name]) for name in plain)
+
+
+def autograd_ops(tensor: torch.Tensor) -> set[str]:
+    """The names of the backward functions `tensor`'s gradient would run."""
+    ops, frontier = set(), [tensor.grad_fn]
+    while frontier:
+        node = frontier.pop()
+        ops.add(type(node).__name__)
+        frontier += [next_node for next_node, _ in node.next_functions if next_node is not None]
+    return ops
+
+
+@pytest.mark.parametrize("saved, grid", [(14, (16, 16)), (16, (24, 24)), (4, (6, 5))])
+def test_position_interpolation_is_transformers_bicubic_without_its_backward(saved, grid):
+    """The paper's ViT rows feed 256 px to 224 px weights: positions are resized as transformers does, through
+    matrix products, because bicubic upsampling's backward is not deterministic on CUDA."""
+    from transformers.models.vit.modeling_vit import ViTConfig, ViTEmbeddings
+
+    from avse.model.encoders import interpolate_positions
+
+    torch.manual_seed(0)
+    embeddings = ViTEmbeddings(ViTConfig(hidden_size=8, patch_size=16, image_size=16 * saved))
+    tokens = torch.zeros(1, 1 + grid[0] * grid[1], 8)
+    expected = embeddings.interpolate_pos_encoding(tokens, 16 * grid[0], 16 * grid[1])
+    ours = interpolate_positions(embeddings.position_embeddings, *grid)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert "UpsampleBicubic2DBackward0" in autograd_ops(expected) and "UpsampleBicubic2DBackward0" not in autograd_ops(ours)
+
+
+def test_a_vit_encoder_at_another_resolution_interpolates_through_matrix_products():
+    model = build_model(config(data={"img_res": 48}, vision={"name": "vit-tiny"}), vocab_size=100, vision_image_size=64)
+    assert model.image_encoder.interpolate  # weights of an 8 x 8 grid at 64 px, run on the 6 x 6 grid of 48 px
+    tokens = model.image_encoder.backbone.embeddings(torch.zeros(2, 3, 48, 48), interpolate_pos_encoding=True)
+    assert tokens.shape == (2, 1 + 36, 128)
+    assert "EinsumBackward0" in autograd_ops(tokens) or "BmmBackward0" in autograd_ops(tokens)
+    assert "UpsampleBicubic2DBackward0" not in autograd_ops(tokens)

@@ -8,6 +8,9 @@ are concatenated: `[B, views * embed_size]`. Text: BERT token features -> dropou
 
 from __future__ import annotations
 
+import math
+import types
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -47,6 +50,31 @@ class MLP(nn.Module):
         return self.net(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
 
 
+def bicubic_matrix(old: int, new: int, device: torch.device | None = None) -> Tensor:
+    """`[new, old]`: PyTorch's bicubic resize (`align_corners=False`) of an axis of `old` values to `new`, as a matrix."""
+    basis = torch.eye(old, device=device).view(old, 1, old, 1)  # each input position alone, along the height
+    return nn.functional.interpolate(basis, size=(new, 1), mode="bicubic", align_corners=False)[:, 0, :, 0].T
+
+
+def interpolate_positions(position_embeddings: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    """ViT position embeddings `[1, 1 + S * S, D]` of a square grid, resized to `grid_h x grid_w`: `[1, 1 + grid_h * grid_w, D]`.
+
+    transformers' bicubic `interpolate_pos_encoding`, written as the two matrix products it is
+    (bicubic resizing is separable): the same values, and a backward pass that is deterministic on
+    CUDA, where bicubic upsampling's backward adds partial gradients in varying order.
+    """
+    cls, patches = position_embeddings[:, :1], position_embeddings[:, 1:]
+    side = math.isqrt(patches.size(1))
+    rows, cols = (bicubic_matrix(side, n, patches.device).to(patches.dtype) for n in (grid_h, grid_w))
+    resized = torch.einsum("hi,wj,ijd->hwd", rows, cols, patches.reshape(side, side, -1))  # [grid_h, grid_w, D]
+    return torch.cat([cls, resized.reshape(1, grid_h * grid_w, -1)], dim=1)
+
+
+def _deterministic_interpolation(embeddings: nn.Module, tokens: Tensor, height: int, width: int) -> Tensor:
+    """Replaces `ViTEmbeddings.interpolate_pos_encoding` (same arguments) with :func:`interpolate_positions`."""
+    return interpolate_positions(embeddings.position_embeddings, height // embeddings.patch_size, width // embeddings.patch_size)
+
+
 class ImageEncoder(nn.Module):
     """Multi-view image encoder over a ViT or Swin backbone.
 
@@ -84,6 +112,8 @@ class ImageEncoder(nn.Module):
             self.num_prefix = 1  # the class token, kept in every view
             hidden = config.hidden_size
             self.interpolate = img_res != config.image_size
+            if self.interpolate:
+                backbone.embeddings.interpolate_pos_encoding = types.MethodType(_deterministic_interpolation, backbone.embeddings)
         else:
             # Swin's windows need the full grid: views are sampled from the final stage's tokens.
             self.grid = img_res // config.patch_size // 2 ** (len(config.depths) - 1)
