@@ -26,7 +26,7 @@ PARAMS_FILE = "params.yaml"
 # Settings that change how a run is observed or what memory it takes, not what it computes: runs that
 # differ only in these (and in `train.seed`) are repeats of one experiment.
 OBSERVATION_KEYS = frozenset({"train.log_every", "train.ckpt_every_steps", "train.max_bad_steps", "data.num_workers",
-                              "train.grad_checkpointing", "train.dist_timeout_minutes"})
+                              "train.grad_checkpointing", "train.dist_timeout_minutes", "train.compile"})
 
 
 def _check(description: str, predicate):
@@ -155,6 +155,9 @@ class TrainConfig:
     # Activation checkpointing in both backbones: each block's activations are recomputed in the backward
     # pass instead of kept, for the same gradients in less memory and about a third more compute.
     grad_checkpointing: bool = False
+    # torch.compile of every transformer block of both backbones: faster steps after a compilation of
+    # minutes at the start (and again for new caption lengths, until its shapes are dynamic).
+    compile: bool = False
     # How long a process waits for the others in a collective (dev evaluation and checkpoints run on
     # the first process while the others wait) before the run stops with an error naming this key.
     dist_timeout_minutes: float = field(default=30.0, metadata=POSITIVE_FLOAT)

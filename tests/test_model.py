@@ -235,3 +235,13 @@ def test_a_vit_encoder_at_another_resolution_interpolates_through_matrix_product
     assert tokens.shape == (2, 1 + 36, 128)
     assert "EinsumBackward0" in autograd_ops(tokens) or "BmmBackward0" in autograd_ops(tokens)
     assert "UpsampleBicubic2DBackward0" not in autograd_ops(tokens)
+
+
+def test_compile_compiles_each_transformer_block_in_place():
+    """train.compile: the blocks of both backbones are compiled where they are, so parameter names and checkpoints do not change."""
+    plain = build_model(from_dict({}), vocab_size=100)
+    compiled = build_model(from_dict({"train": {"compile": True}}), vocab_size=100)
+    blocks = compiled.transformer_blocks()
+    assert [type(b).__name__ for b in blocks] == ["ViTLayer"] * 4 + ["BertLayer"] * 2
+    assert all(b._compiled_call_impl is not None for b in blocks) and plain.transformer_blocks()[0]._compiled_call_impl is None
+    assert compiled.state_dict().keys() == plain.state_dict().keys()

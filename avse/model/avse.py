@@ -78,10 +78,17 @@ class AVSE(nn.Module):
         for backbone in (self.image_encoder.backbone, self.text_encoder.backbone):
             backbone.config.use_cache = False  # BERT's key/value cache, unused here, would be switched off with a warning
             backbone.activation_checkpointing_enable({"use_reentrant": False, "context_fn": recompute_as_forward})
+        innermost = set(self.transformer_blocks())
+        for backbone in (self.image_encoder.backbone, self.text_encoder.backbone):
             for module in backbone.modules():
-                if isinstance(module, GradientCheckpointingLayer) and any(
-                        isinstance(inner, GradientCheckpointingLayer) for inner in list(module.modules())[1:]):
+                if isinstance(module, GradientCheckpointingLayer) and module not in innermost:
                     module.gradient_checkpointing = False
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The repeated blocks of both backbones (ViT, Swin and BERT layers), innermost first where they nest."""
+        return [module for backbone in (self.image_encoder.backbone, self.text_encoder.backbone) for module in backbone.modules()
+                if isinstance(module, GradientCheckpointingLayer)
+                and not any(isinstance(inner, GradientCheckpointingLayer) for inner in list(module.modules())[1:])]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Backbone and head parameters, each split into decayed weights and undecayed norms and biases."""
@@ -122,6 +129,9 @@ def build_model(config: Config, vocab_size: int | None, vision_image_size: int |
         parameters[name].requires_grad_(False)
     if config.train.grad_checkpointing:
         model.enable_activation_checkpointing()
+    if config.train.compile:
+        for block in model.transformer_blocks():  # in place: parameter names and checkpoints stay as they are
+            block.compile()
     return model
 
 
