@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test compare ui clean
+.PHONY: install run test compare ui gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ compare: install
 
 ui: install
 	mlflow ui --backend-store-uri $(UI_STORE) --host 127.0.0.1 --port $(UI_PORT)
+
+# On a GPU machine, with the packages it has (not the pinned CPU torch): see benchmarks/gpu_check.py.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf data/synthetic data/synthetic-images data/prepared models embeddings outputs

@@ -46,7 +46,7 @@ def synchronize(device: torch.device) -> None:
 
 def training(overrides: list[str], steps: int, device: torch.device) -> dict[str, float]:
     """pairs/s and FLOPs per step of the train stage's step at the configured size."""
-    config = load_config(overrides=overrides)
+    config = load_config(Path(__file__).resolve().parents[1] / "params.yaml", overrides)
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
     dtype = resolve_precision(config.train.precision, device)
     set_deterministic(config.train.deterministic, device)  # the kernels training runs (SDPA's math path by default)

@@ -32,3 +32,15 @@ def test_determinism_benchmark_reports_the_cost_of_deterministic_kernels():
     out = run_benchmark("benchmarks/determinism.py", "--rounds", "1", "--steps", "1", "-S", "train.batch_size=8")
     assert re.search(r"PyTorch defaults +[\d.]+ s/step +[\d.]+ pairs/s", out), out
     assert re.search(r"train.deterministic: true +[\d.]+ s/step", out) and re.search(r"cost \(deterministic / default\) +[\d.]+x", out), out
+
+
+def test_gpu_check_runs_each_section_and_writes_its_summary(tmp_path):
+    """`make gpu-check` on any device, small: the pipeline, the retrained model's bits, one process against two, the rows."""
+    import json
+
+    run_benchmark("benchmarks/gpu_check.py", "--tiny", "--steps", "1", "--out", str(tmp_path / "gpu_check.json"))
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["pipeline"]["train"]["steps"] == 3 and summary["pipeline"]["eval"]["1k"]["rsum"] > 0
+    assert summary["repeatability"] == {"same_bits": True, "differing_tensors": []}
+    assert summary["processes"].get("same", True) is True  # skipped on a machine with one GPU
+    assert set(summary["rows"]) == {"vit-tiny 64, batch 16, default", "vit-tiny 64, batch 16, fast"}

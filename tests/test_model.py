@@ -35,22 +35,29 @@ PAPER_TEXT = {"text": {"name": "bert-base-uncased"}, "embed_size": 1024, "block_
 @pytest.mark.parametrize("vision, img_res, vision_params", [
     ("google/vit-base-patch16-224-in21k", 256, 85.8),
     ("microsoft/swin-base-patch4-window7-224-in22k", 224, 86.7),
+    ("google/vit-base-patch16-384", 384, 86.1),
+    ("microsoft/swin-base-patch4-window12-384-in22k", 384, 86.9),
 ])
-def test_paper_architectures_dry_run_randomly_initialised(vision, img_res, vision_params, capsys):
-    """`avse train --dry-run` on a seed architecture of each family: builds, one optimiser step on a batch of 2."""
+def test_paper_architectures_have_their_published_sizes(vision, img_res, vision_params):
+    """Built on the meta device (shapes only, nothing allocated): the paper's backbones with BERT-base."""
+    cfg = from_dict({"data": {"img_res": img_res, "vocab_size": 30522}, "model": {"vision": {"name": vision}, **PAPER_TEXT}})
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size=30522)
+    assert sum(p.numel() for p in model.image_encoder.backbone.parameters()) / 1e6 == pytest.approx(vision_params, abs=0.1)
+    assert sum(p.numel() for p in model.text_encoder.backbone.parameters()) / 1e6 == pytest.approx(108.9, abs=0.1)  # no pooler
+
+
+@pytest.mark.parametrize("vision", ["vit-tiny", "swin-tiny"])
+def test_dry_run_reports_a_step_of_the_configured_shape(vision, capsys):
+    """`avse train --dry-run`: builds, runs optimiser steps on random inputs, reports sizes, speed and memory."""
     from avse.training.dry_run import dry_run
 
-    cfg = from_dict({
-        "data": {"img_res": img_res, "vocab_size": 30522},
-        "model": {"vision": {"name": vision}, **PAPER_TEXT},
-        "train": {"batch_size": 2, "precision": "fp32"},
-    })
+    cfg = from_dict({"model": {"vision": {"name": vision}}, "train": {"batch_size": 2, "precision": "fp32"}})
     report = dry_run(cfg, steps=1)
-    assert report["params_vision_m"] == pytest.approx(vision_params, abs=0.1)
-    assert report["params_text_m"] == pytest.approx(108.9, abs=0.1)  # BERT-base without its pooler
+    assert report["params_vision_m"] == pytest.approx(sum(p.numel() for p in build_model(cfg, 1000).image_encoder.backbone.parameters()) / 1e6)
     assert report["seconds_per_step"] > 0
     assert 0 < report["backward_peak_mb"] <= report["peak_memory_mb"]  # the first backward pass, then the optimiser's state
-    assert f"dry run: {vision} + bert-base-uncased at {img_res}px, batch 2" in capsys.readouterr().out
+    assert f"dry run: {vision} + bert-tiny at 64px, batch 2, float32 on cpu" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("vision, vision_params, grid", [
