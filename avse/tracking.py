@@ -201,6 +201,11 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow's UI lays an experiment out by this tag: model training opens on the runs table, while an
+# experiment without it opens on the GenAI overview of traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def open_run_in(client, experiment: str, uri: str, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Re-open run `run_id`, or create one in `experiment` with `params`; set `tags`. Returns the run id."""
     from mlflow.entities import Param, RunTag
@@ -209,7 +214,13 @@ def open_run_in(client, experiment: str, uri: str, run_id: str | None, run_name:
         client.update_run(run_id, status="RUNNING")
     else:
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+        if found is None:
+            experiment_id = client.create_experiment(experiment, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
+        else:
+            experiment_id = found.experiment_id
+            for key, value in EXPERIMENT_KIND.items():
+                if key not in found.tags:  # an experiment made before, or by hand; a kind someone chose stays
+                    client.set_experiment_tag(experiment_id, key, value)
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
         values = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for start in range(0, len(values), 100):

@@ -134,7 +134,10 @@ def test_a_pipeline_run_logged_to_a_server_reads_back_over_rest(server, project)
     # fp32 everywhere, so that the pipeline's embeddings and the served model's are the same numbers.
     set_params(project, TINY | {"train": TINY["train"] | {"precision": "fp32"}, "tracking": {"uri": server.uri, "experiment": "avse"}})
     run(["dvc", "repro"], cwd=project)
-    experiment = server.get("experiments/get-by-name?experiment_name=avse")["experiment"]["experiment_id"]
+    found = server.get("experiments/get-by-name?experiment_name=avse")["experiment"]
+    experiment = found["experiment_id"]
+    # The UI opens the experiment on its runs table (the model-training layout), not on the GenAI overview.
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in found["tags"]
     (found,) = server.post("runs/search", {"experiment_ids": [experiment]})["runs"]
     run_id = found["info"]["run_id"]
     assert run_id == json.loads((project / "models" / "run.json").read_text())["run_id"]
@@ -217,3 +220,19 @@ def test_metrics_a_queued_experiment_could_not_send_are_kept_in_the_project_not_
     kept = [json.loads(line) for line in (project / "metrics" / "untracked.jsonl").read_text().splitlines()]
     assert [record.get("step") for record in kept] == [None, 1]  # the run record, then the metrics
 
+
+
+def test_experiments_are_tagged_for_the_model_training_layout(tmp_path):
+    """New experiments, and existing ones without a kind, open on the runs table; a kind someone chose stays."""
+    from mlflow.tracking import MlflowClient
+
+    from avse.tracking import open_run_in
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("untagged")
+    client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("new", "untagged", "genai"):
+        open_run_in(client, name, uri, None, "run", {}, {})
+    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind") for name in ("new", "untagged", "genai")}
+    assert kinds == {"new": "custom_model_development", "untagged": "custom_model_development", "genai": "genai_development"}
