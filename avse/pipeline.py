@@ -73,7 +73,7 @@ def embed(config: Config) -> None:
     from avse.data.prepare import prepared_dir
     from avse.evaluation.embed import encode_captions, encode_images, load_trained
     from avse.io import atomic_path
-    from avse.training.checkpoint import save_tensors
+    from avse.checkpoint import save_tensors
 
     retain_freed_memory()
 
@@ -158,7 +158,7 @@ def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: b
     from avse.io import atomic_path
     from avse.model import backbones, official
     from avse.model.avse import build_model, random_backbones
-    from avse.training.checkpoint import save_checkpoint
+    from avse.checkpoint import save_checkpoint
 
     out_dir = out_dir or MODELS
     content = official.read_checkpoint(source, trust)

@@ -182,7 +182,7 @@ class FullDisk:
 def fill_disk_after(monkeypatch, room: int) -> None:
     """Files that tensors are saved into (checkpoints, embeddings) run out of space after `room` bytes;
     torch.save's own serialisation runs up to that point."""
-    from avse.training import checkpoint
+    from avse import checkpoint
 
     monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(open(path, mode), room), raising=False)
 

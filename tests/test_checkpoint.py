@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from avse.errors import DiskFullError
-from avse.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 from conftest import fill_disk_after
 

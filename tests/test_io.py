@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from avse.training.checkpoint import load_checkpoint, save_checkpoint
+from avse.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import REPO, command_env
 
@@ -26,7 +26,7 @@ with atomic_path(sys.argv[1]) as tmp, open(tmp, "wb") as f:
 FULL_DISK_WRITER = """
 import json, os, sys, torch
 from avse.errors import DiskFullError
-from avse.training.checkpoint import load_checkpoint, save_checkpoint
+from avse.checkpoint import load_checkpoint, save_checkpoint
 target = os.path.join(sys.argv[1], "last.pt")
 save_checkpoint(target, {"step": 1, "w": torch.zeros(20_000)})
 before = open(target, "rb").read()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from avse import cli
-from avse.training.checkpoint import load_checkpoint
+from avse.checkpoint import load_checkpoint
 
 from conftest import REPO, TINY, command_env, copy_project, fill_disk_after, mlflow_client, mlflow_runs, run, set_params
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from avse.training.batches import GlobalBatchSampler
-from avse.training.checkpoint import load_checkpoint
+from avse.checkpoint import load_checkpoint
 from avse.training.distributed import DistContext
 from avse.training.seeding import Draw, derive_seed
 

@@ -10,7 +10,7 @@ from avse.config import from_dict
 from avse.training import optim
 from avse.training.distributed import DistContext
 from avse.training.batches import GlobalBatchSampler
-from avse.training.checkpoint import training_hash
+from avse.training.resume import training_hash
 from avse.training.loop import TrainingError, optimizer_step
 
 from conftest import REPO, run

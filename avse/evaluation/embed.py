@@ -15,7 +15,7 @@ from avse.data.images import Resize
 from avse.config import Config
 from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
 from avse.model.avse import AVSE, from_checkpoint
-from avse.training.checkpoint import load_checkpoint
+from avse.checkpoint import load_checkpoint
 
 
 def load_trained(models_dir: Path) -> tuple[AVSE, Config, CaptionTokenizer, dict]:

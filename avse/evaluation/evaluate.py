@@ -19,7 +19,7 @@ from torch import Tensor
 from avse.errors import DataError
 from avse.evaluation.recall import coco_5fold_1k, recall_at_k_curve, recall_metrics, recall_ranks
 from avse.model.similarity import block_similarity
-from avse.training.checkpoint import load_checkpoint
+from avse.checkpoint import load_checkpoint
 
 PROTOCOLS = {"synthetic": ("1k",), "f30k": ("1k",), "coco": ("5fold1k", "5k")}
 TOP_K = 5

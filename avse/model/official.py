@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from avse.errors import AvseError
-from avse.training.checkpoint import UnsafeCheckpointError, load_checkpoint
+from avse.checkpoint import UnsafeCheckpointError, load_checkpoint
 
 # Module prefixes: official -> ours. The text MLP is Linear, BatchNorm, ReLU, Linear in both.
 _MODULES = [

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from avse.checkpoint import load_checkpoint, save_checkpoint
 from avse.compute import autocast, resolve_precision, retain_freed_memory
 from avse.config import Config
 from avse.data.dataset import PairDataset, PreparedSplit
@@ -37,11 +38,11 @@ from avse.progress import progress
 from avse.run_info import run_name, run_tags, split_inputs
 from avse.tracking import Tracker
 from avse.training.batches import Collate, GlobalBatchSampler
-from avse.training.checkpoint import load_checkpoint, save_checkpoint, training_hash
 from avse.training.curve import CURVE_CSV, TrainingCurve
 from avse.training.distributed import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
 from avse.training.objective import contrastive_loss
 from avse.training.optim import build_optimizer, lr_factor
+from avse.training.resume import training_hash
 from avse.training.seeding import Draw, seed_draws, set_deterministic
 
 log = logging.getLogger("avse.train")

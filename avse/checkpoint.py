@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -11,14 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from avse.config import OBSERVATION_KEYS, Config, stable_hash
 from avse.errors import AvseError
 from avse.io import atomic_path
-
-
-# A checkpoint written under other values of these is still resumed: they say how long a run goes on or how
-# it is observed, not what each step computes.
-NOT_HASHED = OBSERVATION_KEYS | {"train.epochs", "train.max_steps"}
 
 
 class CheckpointError(AvseError):
@@ -71,15 +64,3 @@ def load_checkpoint(
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:160]})") from None
-
-
-def training_hash(config: Config, world_size: int, dtype: torch.dtype, prepared: Path, device: torch.device) -> str:
-    """What a checkpoint must share with this run to be resumed: parameters (less run length and
-    logging), the training data, the model, training and image-augmentation code, the process layout,
-    the precision and the kind of device (a CPU run's optimiser state does not carry over to a GPU)."""
-    flat = {k: v for k, v in config.flat().items() if k.split(".")[0] in ("data", "model", "train") and k not in NOT_HASHED}
-    package = Path(__file__).resolve().parents[1]
-    inputs = [prepared / "train.csv", package / "compute.py", *(package / "data" / name for name in ("augment.py", "dataset.py", "images.py")),
-              *sorted((package / "model").glob("*.py")), *sorted((package / "training").glob("*.py"))]
-    digests = {str(path.relative_to(path.parents[1])): hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs}
-    return stable_hash({"params": flat, "files": digests, "world_size": world_size, "dtype": str(dtype), "device": device.type})
