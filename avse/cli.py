@@ -161,6 +161,11 @@ def _cmd_exp(args: argparse.Namespace) -> None:
 
 
 def _cmd_params(args: argparse.Namespace) -> None:
+    if args.reference:
+        from avse.reference import parameter_reference
+
+        print(parameter_reference(args.params), end="")
+        return
     for key, value in _config(args).flat().items():
         print(f"{key}: {value}")
 
@@ -252,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
     _add_config_options(sub)
+    sub.add_argument("--reference", action="store_true", help="print the parameter reference (docs/parameters.md) made from the file's comments")
     sub.set_defaults(run=_cmd_params)
 
     sub = commands.add_parser("import-checkpoint", help="convert a checkpoint of the official AVSE code into models/best.pt")

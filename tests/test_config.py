@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -84,3 +86,25 @@ def test_override_fills_an_empty_section(tmp_path):
     (tmp_path / "params.yaml").write_text("eval:\n")
     assert load_config(tmp_path / "params.yaml", ["eval.protocol=5k"]).eval.protocol == "5k"
 
+
+
+def test_the_parameter_reference_page_is_generated_from_params_yaml():
+    from avse.reference import parameter_reference
+
+    page = (REPO / "docs" / "parameters.md").read_text(encoding="utf-8")
+    assert page == parameter_reference(REPO / "params.yaml"), "docs/parameters.md is stale: avse params --reference > docs/parameters.md"
+    assert "| `train.grad_checkpointing` | `false` | recompute each backbone block's activations" in page
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: 0.1\n", ":2: train.lr has no description"),
+    ("train:\n  lr 0.1  # no colon\n", ":2: expected `key: value  # description`"),
+    ("train:\n  lr: 0.1  # the rate\n", ": keys of the configuration missing from the file: data.augment.crop"),
+])
+def test_a_parameter_without_a_description_or_missing_stops_the_reference(tmp_path, text, message):
+    from avse.reference import parameter_reference
+
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}{message}")):
+        parameter_reference(path)
