@@ -23,7 +23,7 @@ from avse.config import load_config
 from avse.model.avse import build_model
 from avse.training.distributed import DistContext
 from avse.training.dry_run import random_batch
-from avse.training.loop import forward_backward, optimizer_step
+from avse.training.step import forward_backward, optimizer_step
 from avse.training.optim import build_optimizer
 from avse.training.seeding import CUBLAS_WORKSPACE, set_deterministic
 

@@ -34,7 +34,7 @@ from avse.data.tokenizer import CaptionTokenizer, load_tokenizer  # noqa: E402
 from avse.experiments import FULL_SIZE_RANDOM, load_experiments  # noqa: E402
 from avse.model import backbones  # noqa: E402
 from avse.model.avse import build_model  # noqa: E402
-from avse.training.loop import evaluate_split  # noqa: E402
+from avse.training.step import evaluate_split  # noqa: E402
 
 DEV_IMAGES = 1000
 CAPTION = "a young man in a blue shirt and black shorts is riding a bicycle down a busy street next to a woman"  # 21 words

@@ -28,7 +28,7 @@ from avse.model.avse import AVSE, build_model
 from avse.model.sampling import gather_views, keep_count, radial_bias_indices, view_centres
 from avse.training.distributed import DistContext
 from avse.training.dry_run import random_batch
-from avse.training.loop import forward_backward, optimizer_step
+from avse.training.step import forward_backward, optimizer_step
 from avse.training.optim import build_optimizer
 
 FULL_SIZE = ["model.vision.name=google/vit-base-patch16-224-in21k", "model.text.name=bert-base-uncased",

@@ -8,7 +8,7 @@ import torch
 from avse.config import from_dict
 from avse.model.avse import build_model
 from avse.training.distributed import init_distributed, shutdown
-from avse.training.loop import forward_backward
+from avse.training.step import forward_backward
 
 GLOBAL_BATCH = 8
 

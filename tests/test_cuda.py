@@ -8,7 +8,7 @@ from avse.config import from_dict
 from avse.model.avse import build_model
 from avse.model.encoders import interpolate_positions
 from avse.training.distributed import DistContext
-from avse.training.loop import forward_backward, optimizer_step
+from avse.training.step import forward_backward, optimizer_step
 from avse.training.optim import build_optimizer
 from avse.training.seeding import Draw, seed_draws, set_deterministic
 from conftest import requires_cuda

@@ -11,7 +11,7 @@ from avse.training import optim
 from avse.training.distributed import DistContext
 from avse.training.batches import GlobalBatchSampler
 from avse.training.resume import training_hash
-from avse.training.loop import TrainingError, optimizer_step
+from avse.training.step import TrainingError, optimizer_step
 
 from conftest import REPO, run
 

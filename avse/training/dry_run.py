@@ -16,7 +16,7 @@ from avse.config import Config
 from avse.model import backbones
 from avse.model.avse import build_model
 from avse.training.distributed import DistContext, init_distributed
-from avse.training.loop import forward_backward, optimizer_step
+from avse.training.step import forward_backward, optimizer_step
 from avse.training.optim import build_optimizer
 from avse.training.seeding import set_deterministic
 

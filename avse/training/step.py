@@ -1,0 +1,74 @@
+"""One training step (forward, loss, backward, optimiser) and the dev evaluation: what the loop, the dry run and
+the benchmarks run alike."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from avse.compute import autocast
+from avse.config import Config
+from avse.data.dataset import PreparedSplit
+from avse.data.tokenizer import CaptionTokenizer
+from avse.errors import AvseError
+from avse.evaluation.embed import encode_captions, encode_images
+from avse.evaluation.recall import recall_metrics
+from avse.model.avse import AVSE, parameters_without_gradient
+from avse.training.distributed import DistContext, all_reduce_sum
+from avse.training.objective import contrastive_loss
+
+
+class TrainingError(AvseError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses)."""
+
+
+def forward_backward(
+    ddp_model: torch.nn.Module, model: AVSE, batch: tuple[Tensor, ...], ctx: DistContext, config: Config,
+    epoch: int, dtype: torch.dtype, scaler: torch.amp.GradScaler, loss_scale: float = 1.0,
+) -> tuple[float, bool]:
+    """One micro-batch: forward, loss and backward. Returns (the global objective, whether it was finite)."""
+    images, input_ids, attention_mask, groups = (t.to(ctx.device, non_blocking=True) for t in batch)
+    with autocast(ctx.device, dtype):
+        img, cap = ddp_model(images, input_ids, attention_mask)
+    loss = contrastive_loss(model, img, cap, groups, ctx, config, epoch)
+    # Averaged although every rank computed the same value: a kernel's last bits may differ between
+    # devices, and all ranks must take the same branch below.
+    objective = all_reduce_sum(loss.detach(), ctx) / ctx.world_size
+    finite = bool(torch.isfinite(objective))
+    if finite:
+        scaler.scale(loss * loss_scale).backward()
+    return float(objective), finite
+
+
+def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> bool:
+    """Clip and apply the accumulated gradients; returns False (and applies nothing) if they are not finite,
+    which the fp16 loss scaler also decides for the steps it skips."""
+    if missing := parameters_without_gradient(model):
+        # Under DistributedDataParallel the next step would stop with "Expected to have finished reduction".
+        raise TrainingError(
+            f"{len(missing)} trainable parameters got no gradient ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): "
+            "the model builds a part this configuration does not use without freezing it (AVSE.unused_parameters)"
+        )
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # Gradients are identical on every rank after DDP's all-reduce, so all ranks decide alike.
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped by the scaler itself when a gradient is not finite
+        scaler.update()
+        applied = scaler.get_scale() >= scale  # and then, only then, it lowers its scale
+    else:
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return applied
+
+
+def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer, config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Recall metrics of the model on a prepared evaluation split (5 captions per image)."""
+    img = encode_images(model, split, config.data.img_res, config.embed.batch_size, device, dtype, resize=config.data.resize)
+    cap = encode_captions(model, split.captions, tokenize, config.embed.batch_size, device, dtype)
+    with torch.no_grad():
+        sims = model.similarity(img.to(device), cap.to(device), chunk_size=config.eval.chunk_size)
+    return recall_metrics(sims.cpu())
