@@ -32,7 +32,7 @@ compare: install
 	avse compare
 
 ui: install
-	mlflow ui --backend-store-uri $(UI_STORE) --host 127.0.0.1 --port $(UI_PORT)
+	avse ui --store $(UI_STORE) --port $(UI_PORT)   # prints the address of the runs table
 
 # On a GPU machine, with the packages it has (not the pinned CPU torch): see benchmarks/gpu_check.py.
 gpu-check:

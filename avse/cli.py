@@ -160,6 +160,16 @@ def _cmd_exp(args: argparse.Namespace) -> None:
                 raise AvseError(f"{experiment.name}: `{shlex.join(command)}` failed; see the messages above")
 
 
+def _cmd_ui(args: argparse.Namespace) -> None:
+    from avse.tracking import runs_table_url, store_uri
+
+    tracking = _config(args).tracking
+    store = store_uri(args.store or tracking.uri)
+    print(f"MLflow UI on {store}; the runs of experiment {tracking.experiment!r}: "
+          f"{runs_table_url(store, tracking.experiment, args.host, args.port)}", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port)])
+
+
 def _cmd_params(args: argparse.Namespace) -> None:
     if args.reference:
         from avse.reference import parameter_reference
@@ -237,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--since", help="only runs started on or after this date (YYYY-MM-DD)")
     sub.add_argument("--out", default="metrics", help="output folder (default: %(default)s)")
     sub.set_defaults(run=_cmd_compare)
+
+    sub = commands.add_parser("ui", help="the MLflow UI on the project's store, with the address of the experiment's runs table")
+    _add_config_options(sub)
+    sub.add_argument("--store", help="tracking store (default: tracking.uri)")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=5000)
+    sub.set_defaults(run=_cmd_ui)
 
     sub = commands.add_parser("tracking-sync", help="send metrics kept while the MLflow store was unreachable")
     sub.add_argument("file", nargs="?", default="metrics/untracked.jsonl")

@@ -201,6 +201,16 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def runs_table_url(store: str, experiment: str, host: str, port: int) -> str:
+    """Where MLflow's UI shows `experiment`'s runs table. MLflow 3 opens on its GenAI layout (an overview of
+    traces) unless the address asks for model training; the experiments list when there is no such experiment yet."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=store).get_experiment_by_name(experiment)
+    page = f"experiments/{found.experiment_id}" if found else "experiments"
+    return f"http://{host}:{port}/#/{page}?workflowType=machine_learning"
+
+
 # MLflow's UI lays an experiment out by this tag: model training opens on the runs table, while an
 # experiment without it opens on the GenAI overview of traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}

@@ -236,3 +236,15 @@ def test_experiments_are_tagged_for_the_model_training_layout(tmp_path):
         open_run_in(client, name, uri, None, "run", {}, {})
     kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind") for name in ("new", "untagged", "genai")}
     assert kinds == {"new": "custom_model_development", "untagged": "custom_model_development", "genai": "genai_development"}
+
+
+def test_the_ui_address_opens_the_experiments_runs_table(tmp_path):
+    """MLflow 3's UI opens an experiment on its GenAI overview unless the address asks for model training."""
+    from mlflow.tracking import MlflowClient
+
+    from avse.tracking import runs_table_url
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert runs_table_url(store, "avse", "127.0.0.1", 5000) == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    experiment_id = MlflowClient(tracking_uri=store).create_experiment("avse")
+    assert runs_table_url(store, "avse", "127.0.0.1", 5000) == f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
