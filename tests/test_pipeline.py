@@ -30,6 +30,9 @@ def test_dvc_repro_runs_the_pipeline_and_then_has_nothing_to_do(project):
     assert runs[0].info.run_id == json.loads((models / "run.json").read_text())["run_id"]
     assert runs[0].data.params["train.nproc_per_node"] == "2"
     assert runs[0].data.tags["dataset"] == "synthetic" and "dev_rsum" in runs[0].data.metrics
+    diagnostics = {"dev_view_cosine", "dev_block_entropy", "dev_distinct_blocks", "dev_view_share_0", "dev_view_share_1"}
+    assert diagnostics <= runs[0].data.metrics.keys()  # AVSE's diagnostics at every dev evaluation
+    assert runs[0].data.metrics["dev_view_share_0"] + runs[0].data.metrics["dev_view_share_1"] == pytest.approx(1)
     assert runs[0].data.metrics["test_1k_rsum"] == pytest.approx(metrics["1k"]["rsum"], abs=1e-3)
     prepared = project / "data" / "prepared" / "synthetic"
     stats = json.loads((prepared / "stats.json").read_text())
@@ -78,9 +81,12 @@ def test_interrupted_training_resumes_from_its_checkpoint(project):
     assert json.loads((project / "metrics" / "train_speed.json").read_text())["pairs_per_s"] > 0
     # The training curve holds each logged step once, across the three sessions.
     curve = (project / "metrics" / "train_curve.csv").read_text().splitlines()
-    assert curve[0] == "step,epoch,loss,lr,pairs_per_s,dev_rsum"
+    assert curve[0] == "step,epoch,loss,lr,pairs_per_s,dev_rsum,dev_view_cosine,dev_block_entropy,dev_distinct_blocks"
     rows = [line.split(",") for line in curve[1:]]
     assert [int(row[0]) for row in rows if row[2]] == [2, 4] and [int(row[0]) for row in rows if row[5]] == [2, 5]
+    # Each dev evaluation carries AVSE's diagnostics: a cosine, at most log2(4 image blocks) bits, 1 to 2 blocks (2 text blocks).
+    for row in (row for row in rows if row[5]):
+        assert -1 <= float(row[6]) <= 1 and 0 <= float(row[7]) <= 2 and 1 <= float(row[8]) <= 2
 
 
 def test_bad_params_stop_the_stage_with_one_line(project):

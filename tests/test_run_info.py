@@ -61,10 +61,11 @@ def test_training_curve_resumes_at_the_checkpoint_step_and_renders(tmp_path):
     curve = TrainingCurve()
     for step in (2, 4, 6):
         curve.add(step, 0, loss=1.0 / step, lr=0.001, pairs_per_s=100.0)
-    curve.add(6, 1, dev_rsum=12.5)
+    curve.add(6, 1, dev_rsum=12.5, dev_view_cosine=0.5, dev_block_entropy=1.25, dev_distinct_blocks=1.5)
     curve.write(tmp_path / "curve.csv")
     assert (tmp_path / "curve.csv").read_text().splitlines() == [
-        "step,epoch,loss,lr,pairs_per_s,dev_rsum", "2,0,0.5,0.001,100,", "4,0,0.25,0.001,100,", "6,0,0.166667,0.001,100,", "6,1,,,,12.5"]
+        "step,epoch,loss,lr,pairs_per_s,dev_rsum,dev_view_cosine,dev_block_entropy,dev_distinct_blocks",
+        "2,0,0.5,0.001,100,,,,", "4,0,0.25,0.001,100,,,,", "6,0,0.166667,0.001,100,,,,", "6,1,,,,12.5,0.5,1.25,1.5"]
     resumed = TrainingCurve.resume(tmp_path / "curve.csv", step=4)
     assert [row["step"] for row in resumed.rows] == [2, 4] and resumed.rows[1] == {"step": 4, "epoch": 0, "loss": 0.25, "lr": 0.001, "pairs_per_s": 100}
     assert TrainingCurve.resume(tmp_path / "curve.csv", step=0).rows == []

@@ -1,5 +1,6 @@
 """The training curve as a DVC plot: one row per logged step (loss, learning rate, pairs/s) and per dev evaluation
-(dev rsum), in `metrics/train_curve.csv`, rendered to `metrics/train_curve.png` without a browser.
+(dev rsum and AVSE's diagnostics, `avse/evaluation/diagnostics.py`), in `metrics/train_curve.csv`, rendered to
+`metrics/train_curve.png` without a browser.
 
 A resumed run keeps the rows up to the step it resumes from and appends the rest, so the
 file always describes one run from step 1.
@@ -16,7 +17,8 @@ from avse.io import atomic_path, write_text
 
 CURVE_CSV = Path("metrics/train_curve.csv")
 CURVE_PNG = Path("metrics/train_curve.png")
-COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "dev_rsum")
+COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "dev_rsum", "dev_view_cosine", "dev_block_entropy", "dev_distinct_blocks")
+DIAGNOSTICS = ("view_cosine", "block_entropy", "distinct_blocks")  # of each dev evaluation, beside its rsum
 
 
 class TrainingCurve:
@@ -46,11 +48,11 @@ class TrainingCurve:
         write_text(csv_path, buffer.getvalue())
 
     def render(self, png_path: Path = CURVE_PNG, title: str = "training") -> None:
-        """Loss and learning rate against the step, and dev rsum after each epoch, side by side."""
+        """Loss and learning rate against the step, dev rsum after each epoch, and AVSE's diagnostics, side by side."""
         from matplotlib.figure import Figure
 
-        figure = Figure(figsize=(10, 3.4), layout="constrained")
-        loss_ax, dev_ax = figure.subplots(1, 2)
+        figure = Figure(figsize=(15, 3.4), layout="constrained")
+        loss_ax, dev_ax, mechanism_ax = figure.subplots(1, 3)
         logged = [row for row in self.rows if "loss" in row]
         loss_ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], color="tab:blue", label="loss")
         loss_ax.set(xlabel="step", ylabel="loss", title=f"{title}: loss")
@@ -60,7 +62,12 @@ class TrainingCurve:
         evaluated = [row for row in self.rows if "dev_rsum" in row]
         dev_ax.plot([r["step"] for r in evaluated], [r["dev_rsum"] for r in evaluated], marker="o", color="tab:green")
         dev_ax.set(xlabel="step", ylabel="dev rsum", title=f"{title}: dev rsum")
-        for ax in (loss_ax, dev_ax):
+        for name in DIAGNOSTICS:
+            shown = [row for row in evaluated if f"dev_{name}" in row]
+            mechanism_ax.plot([r["step"] for r in shown], [r[f"dev_{name}"] for r in shown], marker="o", label=name.replace("_", " "))
+        mechanism_ax.set(xlabel="step", title=f"{title}: views and blocks (dev)")
+        mechanism_ax.legend(fontsize="small")
+        for ax in (loss_ax, dev_ax, mechanism_ax):
             ax.grid(alpha=0.3)
         with atomic_path(png_path) as tmp:
             figure.savefig(tmp, dpi=110, format="png")

@@ -25,7 +25,7 @@ from avse.io import write_json
 from avse.model.avse import AVSE, build_model
 from avse.progress import progress
 from avse.run_info import run_name
-from avse.training.curve import CURVE_CSV, TrainingCurve
+from avse.training.curve import CURVE_CSV, DIAGNOSTICS, TrainingCurve
 from avse.training.distributed import DistContext, barrier, init_distributed, shutdown
 from avse.training.optim import build_optimizer, lr_factor
 from avse.training.resume import training_hash
@@ -176,9 +176,9 @@ def evaluate_and_select(state: TrainState, model: AVSE, data: TrainingData, conf
     if ctx.is_main:
         metrics = evaluate_split(model, data.dev_split, data.tokenize, config, ctx.device, dtype)
         record.tracker.log_metrics({f"dev_{k}": v for k, v in metrics.items()} | {"epoch": state.epoch}, state.step)
-        curve.add(state.step, state.epoch, dev_rsum=metrics["rsum"])
-        log.info("epoch %d step %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f)", state.epoch, state.step, metrics["rsum"],
-                 metrics["i2t_r1"], metrics["t2i_r1"])
+        curve.add(state.step, state.epoch, dev_rsum=metrics["rsum"], **{f"dev_{name}": metrics[name] for name in DIAGNOSTICS})
+        log.info("epoch %d step %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f); view cosine %.3f, %.2f distinct blocks a caption",
+                 state.epoch, state.step, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"], metrics["view_cosine"], metrics["distinct_blocks"])
         if metrics["rsum"] > state.best_rsum:
             state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
             checkpoints.save_best(state, model, config, metrics, len(data.tokenize.tokenizer))

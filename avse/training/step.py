@@ -11,6 +11,7 @@ from avse.config import Config
 from avse.data.dataset import PreparedSplit
 from avse.data.tokenizer import CaptionTokenizer
 from avse.errors import AvseError
+from avse.evaluation.diagnostics import block_diagnostics
 from avse.evaluation.embed import encode_captions, encode_images
 from avse.evaluation.recall import recall_metrics
 from avse.model.avse import AVSE, parameters_without_gradient
@@ -66,9 +67,10 @@ def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.
 
 
 def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer, config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Recall metrics of the model on a prepared evaluation split (5 captions per image)."""
+    """Recall metrics of the model on a prepared evaluation split (5 captions per image), and AVSE's diagnostics
+    of the same embeddings (`avse/evaluation/diagnostics.py`)."""
     img = encode_images(model, split, config.data.img_res, config.embed.batch_size, device, dtype, resize=config.data.resize)
     cap = encode_captions(model, split.captions, tokenize, config.embed.batch_size, device, dtype)
     with torch.no_grad():
         sims = model.similarity(img.to(device), cap.to(device), chunk_size=config.eval.chunk_size)
-    return recall_metrics(sims.cpu())
+    return recall_metrics(sims.cpu()) | block_diagnostics(img, cap, model.block_dim, model.image_encoder.views)
