@@ -83,7 +83,8 @@ def load_experiments(path: str | Path = EXPERIMENTS_FILE) -> dict[str, Experimen
                 if key in set_by:
                     raise ConfigError(f"{where}.uses: groups {set_by[key]!r} and {group!r} both set {key}")
                 settings[key], set_by[key] = value, group
-        settings.update(_settings(entry.get("set", {}), f"{where}.set"))
+        if "set" in entry:  # a row may be its groups alone
+            settings.update(_settings(entry["set"], f"{where}.set"))
         experiments[name] = Experiment(name, str(entry.get("title", name)), str(entry.get("evaluation", "")), settings)
     return experiments
 

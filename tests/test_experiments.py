@@ -117,6 +117,12 @@ def test_a_malformed_experiments_file_names_the_entry(tmp_path, text, message):
         load_experiments(path)
 
 
+def test_a_row_of_groups_alone_applies_them_in_order(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text("groups: {a: {train.lr: 0.1}, b: {train.epochs: 3}}\nexperiments: {x: {uses: [b, a]}}")
+    assert load_experiments(path)["x"].overrides() == ["train.epochs=3", "train.lr=0.1"]
+
+
 @pytest.mark.parametrize("value, text", [(True, "true"), (0.0002, "0.0002"), (1e-05, "1.0e-05"), ([9, 15], "[9, 15]"), ("data/f30k", "data/f30k")])
 def test_values_are_written_as_yaml_reads_them_back(value, text):
     assert format_value(value) == text
