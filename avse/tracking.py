@@ -204,9 +204,7 @@ def client_for(uri: str):
 def runs_table_url(store: str, experiment: str, host: str, port: int) -> str:
     """Where MLflow's UI shows `experiment`'s runs table. MLflow 3 opens on its GenAI layout (an overview of
     traces) unless the address asks for model training; the experiments list when there is no such experiment yet."""
-    from mlflow.tracking import MlflowClient
-
-    found = MlflowClient(tracking_uri=store).get_experiment_by_name(experiment)
+    found = client_for(store).get_experiment_by_name(experiment)
     page = f"experiments/{found.experiment_id}" if found else "experiments"
     return f"http://{host}:{port}/#/{page}?workflowType=machine_learning"
 

@@ -79,10 +79,9 @@ class AVSE(nn.Module):
             backbone.config.use_cache = False  # BERT's key/value cache, unused here, would be switched off with a warning
             backbone.activation_checkpointing_enable({"use_reentrant": False, "context_fn": recompute_as_forward})
         innermost = set(self.transformer_blocks())
-        for backbone in (self.image_encoder.backbone, self.text_encoder.backbone):
-            for module in backbone.modules():
-                if isinstance(module, GradientCheckpointingLayer) and module not in innermost:
-                    module.gradient_checkpointing = False
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer) and module not in innermost:
+                module.gradient_checkpointing = False
 
     def transformer_blocks(self) -> list[nn.Module]:
         """The repeated blocks of both backbones (ViT, Swin and BERT layers), innermost first where they nest."""
