@@ -1,5 +1,11 @@
 # ---
 # jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -96,6 +102,20 @@ embeddings = failures.load_embeddings(PROJECT, config)
 scores = failures.positive_and_hardest_negative(score(embeddings, config.eval.chunk_size))
 display(scores.groupby("direction")[["positive", "hardest_negative"]].describe().T)
 failures.score_histogram(scores)
+
+# %% [markdown]
+# ## AVSE's mechanism over the split
+#
+# Whether the views of an image differ and which image blocks the text blocks choose (each
+# text block's best image block of its caption's own image), over every caption of the split
+# and apart for captions whose image is retrieved first and those whose image is not. The same
+# numbers are logged at every dev evaluation while training (`dev_view_cosine`, ...). A view
+# cosine near 1 means the views are one vector; `block_entropy` is in bits (log2 of the image
+# blocks at most), `distinct_blocks` counts a caption's different image blocks.
+
+# %%
+display(failures.mechanism_by_outcome(embeddings, t2i).round(3))
+failures.mechanism_figure(embeddings)
 
 # %% [markdown]
 # ## Which view and block each text block matched

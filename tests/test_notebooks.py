@@ -10,7 +10,7 @@ from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
 # Figures each notebook shows on a synthetic-data run tracked as one MLflow run.
-FIGURES = {"compare_runs": 7, "failure_analysis": 11}
+FIGURES = {"compare_runs": 7, "failure_analysis": 12}
 
 
 def test_notebooks_are_paired_with_scripts_in_sync_and_stored_without_outputs():

@@ -37,6 +37,7 @@ from avse.data.images import Resize
 from avse.data.prepare import prepared_dir
 from avse.data.synthetic import RELATIONS
 from avse.errors import AvseError
+from avse.evaluation.diagnostics import block_diagnostics, chosen_blocks, distinct_per_caption, view_cosines
 from avse.evaluation.evaluate import Embeddings
 from avse.evaluation.recall import RECALL_KS
 from avse.model.avse import AVSE
@@ -298,6 +299,51 @@ def block_match_figure(matches: Mapping[str, np.ndarray], views: int, caption: s
         ax.set(xlabel="image block (view.block)", ylabel="text block")
         ax.set_title(f"{title}\nmax-matching score {cosines.max(axis=1).sum():.3f}", fontsize=9)
     figure.colorbar(heatmap, ax=axes, label="cosine")
+    return figure
+
+
+def mechanism_by_outcome(embeddings: Embeddings, t2i: pd.DataFrame) -> pd.DataFrame:
+    """AVSE's diagnostics (`avse/evaluation/diagnostics.py`) over the split's captions: all of them, those
+    whose image is retrieved first (`t2i.csv` rank 0) and those whose image is not. One row each, with
+    the number of captions; `view_cosine` is the mean over the images of those captions."""
+    meta = embeddings.meta
+    chosen = chosen_blocks(embeddings.images, embeddings.captions, meta["block_dim"], embeddings.caption_image)  # [M, T]
+    cosines = view_cosines(embeddings.images, meta["views"])[embeddings.caption_image]  # [M]: each caption's image
+    hit = np.zeros(len(chosen), dtype=bool)
+    hit[t2i["caption_index"].to_numpy()[t2i["rank"].to_numpy() == 0]] = True
+    rows = {}
+    for name, keep in [("all captions", np.ones_like(hit)), ("t2i hit at R@1", hit), ("t2i miss at R@1", ~hit)]:
+        index = torch.from_numpy(np.flatnonzero(keep))
+        if len(index) == 0:  # a model without misses (or hits)
+            continue
+        diagnostics = block_diagnostics(embeddings.images, embeddings.captions[index], meta["block_dim"], meta["views"],
+                                        embeddings.caption_image[index])
+        rows[name] = {"captions": len(index), **diagnostics, "view_cosine": float(cosines[index].mean())}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def mechanism_figure(embeddings: Embeddings) -> Figure:
+    """Three panels over the split: each image's view cosine, the share of text-block choices per image
+    block (coloured by view), and how many distinct image blocks a caption's text blocks use."""
+    meta = embeddings.meta
+    views, block_dim = meta["views"], meta["block_dim"]
+    chosen = chosen_blocks(embeddings.images, embeddings.captions, block_dim, embeddings.caption_image)  # [M, T]
+    n_blocks = embeddings.images.size(1) // block_dim
+    figure = Figure(figsize=(12, 3.2), layout="constrained")
+    cosine_ax, share_ax, distinct_ax = figure.subplots(1, 3)
+    cosines = view_cosines(embeddings.images, views).numpy()
+    cosine_ax.hist(cosines, bins=40, range=(min(-1.0, cosines.min()), 1.0) if views > 1 else None, color="tab:blue")
+    cosine_ax.set(xlabel="cosine between an image's views", ylabel="images", title=f"views: mean cosine {cosines.mean():.3f}")
+    shares = 100.0 * torch.bincount(chosen.flatten(), minlength=n_blocks).numpy() / chosen.numel()
+    per_view = n_blocks // views
+    share_ax.bar(range(n_blocks), shares, color=[f"C{block // per_view}" for block in range(n_blocks)])
+    share_ax.set_xticks(range(n_blocks), [f"v{block // per_view}.{block % per_view}" for block in range(n_blocks)], fontsize=7)
+    share_ax.set(xlabel="image block (view.block)", ylabel="% of text-block choices", title="which image block text blocks choose")
+    distinct = distinct_per_caption(chosen).numpy()
+    n_text = chosen.size(1)
+    distinct_ax.hist(distinct, bins=np.arange(0.5, n_text + 1.5), color="tab:purple", rwidth=0.8)
+    distinct_ax.set(xlabel=f"distinct image blocks (of {n_text} text blocks)", ylabel="captions",
+                    title=f"blocks per caption: mean {distinct.mean():.2f}")
     return figure
 
 

@@ -73,4 +73,5 @@ def evaluate_split(model: AVSE, split: PreparedSplit, tokenize: CaptionTokenizer
     cap = encode_captions(model, split.captions, tokenize, config.embed.batch_size, device, dtype)
     with torch.no_grad():
         sims = model.similarity(img.to(device), cap.to(device), chunk_size=config.eval.chunk_size)
-    return recall_metrics(sims.cpu()) | block_diagnostics(img, cap, model.block_dim, model.image_encoder.views)
+    return recall_metrics(sims.cpu()) | block_diagnostics(img, cap, model.block_dim, model.image_encoder.views,
+                                                               torch.from_numpy(split.caption_image))

@@ -1,0 +1,107 @@
+"""How far test recall spreads over seeds for one setting, and what a run costs.
+
+Each seed trains, embeds and evaluates in a folder of its own under `outputs/seed-spread/`
+(the project's prepared data linked in, MLflow off), so several seeds can run side by side:
+`--jobs 2` runs two at a time with one thread each. Prints one line per seed as it ends and
+a summary (test rsum mean ± sd, range, minutes per run), and appends one JSON line per
+seed to `--record` for tables made later.
+
+    python benchmarks/seed_spread.py --label default --seeds 0-4 --jobs 2
+    python benchmarks/seed_spread.py --label epochs4 --seeds 0-4 -S train.epochs=4
+
+Needs `dvc repro prepare` (the prepared data) first.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("train", "embed", "evaluate")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-4' or '0,3,7' -> seeds."""
+    if "-" in text:
+        first, last = (int(part) for part in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(part) for part in text.split(",")]
+
+
+def run_seed(label: str, seed: int, overrides: list[str], threads: int) -> dict:
+    """Train, embed and evaluate one seed in its own folder; returns what it measured."""
+    folder = ROOT / "outputs" / "seed-spread" / label / f"seed{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "metrics").mkdir(parents=True)
+    (folder / "data").symlink_to(ROOT / "data", target_is_directory=True)
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    settings = [*overrides, f"train.seed={seed}", "tracking.enabled=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        for stage in STAGES:
+            command = [sys.executable, "-m", "avse.cli", stage]
+            for setting in settings:
+                command += ["-S", setting]
+            done = subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                raise RuntimeError(f"seed {seed}: `avse {stage}` failed, see {folder / 'log.txt'}")
+    minutes = (time.perf_counter() - start) / 60
+    test = json.loads((folder / "metrics" / "eval.json").read_text())["1k"]
+    with open(folder / "metrics" / "train_curve.csv") as file:
+        evaluations = [row for row in csv.DictReader(file) if row["dev_rsum"]]
+    return {
+        "label": label,
+        "seed": seed,
+        "overrides": overrides,
+        "test_rsum": test["rsum"],
+        "i2t_r1": test["i2t_r1"],
+        "t2i_r1": test["t2i_r1"],
+        "dev_rsum": [float(row["dev_rsum"]) for row in evaluations],
+        "view_cosine": [float(row["dev_view_cosine"]) for row in evaluations if row.get("dev_view_cosine")],
+        "minutes": round(minutes, 2),
+        "threads": threads,
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--label", required=True, help="name of the setting (folder and record label)")
+    parser.add_argument("--seeds", default="0-4", help="'0-4' or '0,1,2' (default 0-4)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (threads split between them)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--record", type=Path, default=ROOT / "outputs" / "seed-spread" / "runs.jsonl")
+    args = parser.parse_args()
+
+    seeds = parse_seeds(args.seeds)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    results = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_seed, args.label, seed, args.overrides, threads) for seed in seeds]
+        for future in futures:
+            result = future.result()
+            results.append(result)
+            with open(args.record, "a") as record:
+                record.write(json.dumps(result) + "\n")
+            dev = " ".join(f"{value:.1f}" for value in result["dev_rsum"])
+            print(f"{args.label} seed {result['seed']}: test rsum {result['test_rsum']:.1f} "
+                  f"(dev by evaluation: {dev}), {result['minutes']:.1f} min", flush=True)
+    rsums = [result["test_rsum"] for result in results]
+    spread = statistics.stdev(rsums) if len(rsums) > 1 else 0.0
+    print(f"{args.label}: test rsum {statistics.mean(rsums):.1f} ± {spread:.1f} over {len(rsums)} seeds "
+          f"(range {min(rsums):.1f}-{max(rsums):.1f}), "
+          f"{statistics.median(r['minutes'] for r in results):.1f} min per run at {threads} thread(s)")
+
+
+if __name__ == "__main__":
+    main()
