@@ -1,7 +1,8 @@
 """How far test recall spreads over seeds for one setting, and what a run costs.
 
-Each seed trains, embeds and evaluates in a folder of its own under `outputs/seed-spread/`
-(the project's prepared data linked in, MLflow off), so several seeds can run side by side:
+Each seed trains, embeds and evaluates in a folder of its own under the project's
+`outputs/seed-spread/` (its params.yaml copied, its prepared data linked in, MLflow off), so
+several seeds can run side by side:
 `--jobs 2` runs two at a time with one thread each. Prints one line per seed as it ends and
 a summary (test rsum mean ± sd, range, minutes per run), and appends one JSON line per
 seed to `--record` for tables made later.
@@ -37,13 +38,13 @@ def parse_seeds(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
-def run_seed(label: str, seed: int, overrides: list[str], threads: int) -> dict:
+def run_seed(project: Path, label: str, seed: int, overrides: list[str], threads: int) -> dict:
     """Train, embed and evaluate one seed in its own folder; returns what it measured."""
-    folder = ROOT / "outputs" / "seed-spread" / label / f"seed{seed}"
+    folder = project / "outputs" / "seed-spread" / label / f"seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "metrics").mkdir(parents=True)
-    (folder / "data").symlink_to(ROOT / "data", target_is_directory=True)
-    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    (folder / "data").symlink_to((project / "data").resolve(), target_is_directory=True)
+    shutil.copy(project / "params.yaml", folder / "params.yaml")
     settings = [*overrides, f"train.seed={seed}", "tracking.enabled=false"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
@@ -80,18 +81,23 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-4", help="'0-4' or '0,1,2' (default 0-4)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (threads split between them)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--record", type=Path, default=ROOT / "outputs" / "seed-spread" / "runs.jsonl")
+    parser.add_argument("--project", type=Path, default=ROOT, help="project with params.yaml and prepared data (default: this one)")
+    parser.add_argument("--record", type=Path, help="JSON lines file to append to (default: <project>/outputs/seed-spread/runs.jsonl)")
     args = parser.parse_args()
+    record_file = args.record or args.project / "outputs" / "seed-spread" / "runs.jsonl"
 
     seeds = parse_seeds(args.seeds)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_seed, args.label, seed, args.overrides, threads) for seed in seeds]
+        futures = [pool.submit(run_seed, args.project, args.label, seed, args.overrides, threads) for seed in seeds]
         for future in futures:
-            result = future.result()
+            try:
+                result = future.result()
+            except RuntimeError as error:
+                raise SystemExit(f"error: {error}") from None
             results.append(result)
-            with open(args.record, "a") as record:
+            with open(record_file, "a") as record:
                 record.write(json.dumps(result) + "\n")
             dev = " ".join(f"{value:.1f}" for value in result["dev_rsum"])
             print(f"{args.label} seed {result['seed']}: test rsum {result['test_rsum']:.1f} "

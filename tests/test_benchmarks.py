@@ -1,9 +1,13 @@
 """The benchmark scripts keep running as the code they measure changes (their --tiny modes, on the CPU)."""
 
+import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import copy_finished
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +48,27 @@ def test_gpu_check_runs_each_section_and_writes_its_summary(tmp_path):
     assert summary["repeatability"] == {"same_bits": True, "differing_tensors": []}
     assert summary["processes"].get("same", True) is True  # skipped on a machine with one GPU
     assert set(summary["rows"]) == {"vit-tiny 64, batch 16, default", "vit-tiny 64, batch 16, fast"}
+
+
+def test_seed_spread_trains_each_seed_apart_and_summarises_their_test_recall(tiny_pipeline, tmp_path):
+    project = copy_finished(tiny_pipeline, tmp_path / "project")
+    record = tmp_path / "runs.jsonl"
+    out = run_benchmark("benchmarks/seed_spread.py", "--project", str(project), "--label", "short", "--seeds", "0-1", "--jobs", "2",
+                        "--record", str(record), "-S", "train.max_steps=2")
+    runs = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [run["seed"] for run in runs] == [0, 1]
+    for run in runs:  # each seed's own evaluation, in its own folder
+        evaluated = json.loads((project / "outputs/seed-spread/short" / f"seed{run['seed']}" / "metrics/eval.json").read_text())
+        assert run["test_rsum"] == evaluated["1k"]["rsum"] and run["overrides"] == ["train.max_steps=2"] and len(run["dev_rsum"]) == 1
+    rsums = [run["test_rsum"] for run in runs]
+    assert f"short: test rsum {statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f} over 2 seeds" in out
+
+
+def test_seed_spread_names_the_seed_and_log_of_a_failed_stage(tiny_pipeline, tmp_path):
+    project = copy_finished(tiny_pipeline, tmp_path / "project")
+    result = subprocess.run([sys.executable, "benchmarks/seed_spread.py", "--project", str(project), "--label", "bad", "--seeds", "3",
+                             "-S", "train.lr=-1"], cwd=REPO, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    log = project / "outputs/seed-spread/bad/seed3/log.txt"
+    assert f"error: seed 3: `avse train` failed, see {log}" in result.stderr
+    assert "train.lr" in log.read_text()
