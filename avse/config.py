@@ -138,6 +138,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     loss: Literal["hinge", "infonce"] = "infonce"
     margin: float = field(default=0.2, metadata=NON_NEGATIVE_FLOAT)
+    temperature: float = field(default=0.07, metadata=POSITIVE_FLOAT)  # InfoNCE's initial temperature (learnt)
     warmup_epochs: int = field(default=1, metadata=NON_NEGATIVE)
     decorrelation_weight: float = field(default=0.005, metadata=NON_NEGATIVE_FLOAT)
     # `standardised`: ||C - I||^2 / D of batch-standardised views; `official`: the official

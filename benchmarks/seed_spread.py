@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="name of the setting (folder and record label)")
     parser.add_argument("--seeds", default="0-4", help="'0-4' or '0,1,2' (default 0-4)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (threads split between them)")
+    parser.add_argument("--threads", type=int, help="threads per run (default: the cores shared among --jobs)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--project", type=Path, default=ROOT, help="project with params.yaml and prepared data (default: this one)")
     parser.add_argument("--record", type=Path, help="JSON lines file to append to (default: <project>/outputs/seed-spread/runs.jsonl)")
@@ -87,7 +88,7 @@ def main() -> None:
     record_file = args.record or args.project / "outputs" / "seed-spread" / "runs.jsonl"
 
     seeds = parse_seeds(args.seeds)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_seed, args.project, args.label, seed, args.overrides, threads) for seed in seeds]

@@ -21,18 +21,18 @@ from avse.model import backbones
 from avse.model.encoders import ImageEncoder, TextEncoder
 from avse.model.similarity import block_similarity
 
-# CLIP's initial temperature (0.07) and its cap on the logit scale (100).
-INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+# CLIP's cap on the logit scale (100); its initial temperature, 0.07, is `train.temperature`'s default.
 MAX_LOGIT_SCALE = math.log(100)
 
 
 class AVSE(nn.Module):
-    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, block_dim: int, matching: str, sinkhorn_iters: int):
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, block_dim: int, matching: str, sinkhorn_iters: int,
+                 temperature: float):
         super().__init__()
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.block_dim, self.matching, self.sinkhorn_iters = block_dim, matching, sinkhorn_iters
         # Both are built in every configuration, so that checkpoints have one layout; `unused_parameters` says when they are idle.
-        self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))  # used by the InfoNCE loss
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))  # used by the InfoNCE loss
         self.dustbin = nn.Parameter(torch.tensor(1.0))  # used by Sinkhorn matching
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -122,7 +122,7 @@ def build_model(config: Config, vocab_size: int | None, vision_image_size: int |
         model_cfg.vision_final_norm, model_cfg.view_sampling, model_cfg.keep_count, model_cfg.pixel_stats,
     )
     text_encoder = TextEncoder(text, model_cfg.embed_size, model_cfg.text_mlp_norm, model_cfg.text_dropout)
-    model = AVSE(image_encoder, text_encoder, model_cfg.block_dim, model_cfg.matching, model_cfg.sinkhorn_iters)
+    model = AVSE(image_encoder, text_encoder, model_cfg.block_dim, model_cfg.matching, model_cfg.sinkhorn_iters, config.train.temperature)
     parameters = dict(model.named_parameters())
     for name in model.unused_parameters(config.train.loss):
         parameters[name].requires_grad_(False)
