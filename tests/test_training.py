@@ -113,8 +113,9 @@ def test_retain_freed_memory_takes_effect_on_glibc():
 def test_parameter_groups_and_learning_rates():
     from avse.model.avse import build_model
 
-    config = from_dict({"train": {"lr": 1e-3, "backbone_lr_mult": 0.1, "weight_decay": 0.05}})
+    config = from_dict({"train": {"lr": 1e-3, "backbone_lr_mult": 0.1, "weight_decay": 0.05, "temperature": 0.25}})
     model = build_model(config, vocab_size=100)
+    assert model.scaled_logit_scale().exp().item() == pytest.approx(4.0)  # 1 / train.temperature
     optimizer = optim.build_optimizer(model, config.train)
     by_lr = {(g["lr"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
     assert set(by_lr) == {(1e-4, 0.05), (1e-4, 0.0), (1e-3, 0.05), (1e-3, 0.0)}
