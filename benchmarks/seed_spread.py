@@ -9,6 +9,7 @@ seed to `--record` for tables made later.
 
     python benchmarks/seed_spread.py --label default --seeds 0-4 --jobs 2
     python benchmarks/seed_spread.py --label epochs4 --seeds 0-4 -S train.epochs=4
+    python benchmarks/seed_spread.py --table default epochs4     # the records as a markdown table
 
 Needs `dvc repro prepare` (the prepared data) first.
 """
@@ -75,17 +76,46 @@ def run_seed(project: Path, label: str, seed: int, overrides: list[str], threads
     }
 
 
+def mean_sd(values: list[float], digits: int = 1) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def markdown_table(records: list[dict], labels: list[str]) -> str:
+    """One row per label, in the order given: its overrides, seeds, test recall mean ± sd over the seeds, the
+    view cosine at the last dev evaluation, and the median minutes per run."""
+    lines = ["| setting | overrides | seeds | test rsum | range | i2t R@1 | t2i R@1 | view cosine | min per run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label in labels:
+        runs = [record for record in records if record["label"] == label]
+        if not runs:
+            raise SystemExit(f"error: no runs labelled {label!r} in the record")
+        rsums = [run["test_rsum"] for run in runs]
+        overrides = " ".join(f"`{override}`" for override in runs[0]["overrides"]) or "(params.yaml)"
+        cosine = mean_sd([run["view_cosine"][-1] for run in runs], digits=3) if runs[0]["view_cosine"] else ""
+        lines.append(f"| {label} | {overrides} | {len(runs)} | {mean_sd(rsums)} | {min(rsums):.1f}-{max(rsums):.1f} | "
+                     f"{mean_sd([run['i2t_r1'] for run in runs])} | {mean_sd([run['t2i_r1'] for run in runs])} | {cosine} | "
+                     f"{statistics.median(run['minutes'] for run in runs):.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--label", required=True, help="name of the setting (folder and record label)")
+    parser.add_argument("--label", help="name of the setting to run (folder and record label)")
+    parser.add_argument("--table", nargs="+", metavar="LABEL", help="print the record's runs of these labels as a markdown table")
     parser.add_argument("--seeds", default="0-4", help="'0-4' or '0,1,2' (default 0-4)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (threads split between them)")
     parser.add_argument("--threads", type=int, help="threads per run (default: the cores shared among --jobs)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--project", type=Path, default=ROOT, help="project with params.yaml and prepared data (default: this one)")
-    parser.add_argument("--record", type=Path, help="JSON lines file to append to (default: <project>/outputs/seed-spread/runs.jsonl)")
+    parser.add_argument("--record", type=Path, help="JSON lines file of the runs (default: <project>/outputs/seed-spread/runs.jsonl)")
     args = parser.parse_args()
     record_file = args.record or args.project / "outputs" / "seed-spread" / "runs.jsonl"
+    if args.table:
+        print(markdown_table([json.loads(line) for line in record_file.read_text().splitlines()], args.table))
+        return
+    if not args.label:
+        parser.error("--label (a setting to run) or --table (labels to tabulate) is required")
 
     seeds = parse_seeds(args.seeds)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -104,9 +134,7 @@ def main() -> None:
             print(f"{args.label} seed {result['seed']}: test rsum {result['test_rsum']:.1f} "
                   f"(dev by evaluation: {dev}), {result['minutes']:.1f} min", flush=True)
     rsums = [result["test_rsum"] for result in results]
-    spread = statistics.stdev(rsums) if len(rsums) > 1 else 0.0
-    print(f"{args.label}: test rsum {statistics.mean(rsums):.1f} ± {spread:.1f} over {len(rsums)} seeds "
-          f"(range {min(rsums):.1f}-{max(rsums):.1f}), "
+    print(f"{args.label}: test rsum {mean_sd(rsums)} over {len(rsums)} seeds (range {min(rsums):.1f}-{max(rsums):.1f}), "
           f"{statistics.median(r['minutes'] for r in results):.1f} min per run at {threads} thread(s)")
 
 

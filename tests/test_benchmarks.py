@@ -61,7 +61,10 @@ def test_seed_spread_trains_each_seed_apart_and_summarises_their_test_recall(tin
         evaluated = json.loads((project / "outputs/seed-spread/short" / f"seed{run['seed']}" / "metrics/eval.json").read_text())
         assert run["test_rsum"] == evaluated["1k"]["rsum"] and run["overrides"] == ["train.max_steps=2"] and len(run["dev_rsum"]) == 1
     rsums = [run["test_rsum"] for run in runs]
-    assert f"short: test rsum {statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f} over 2 seeds" in out
+    spread = f"{statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f}"
+    assert f"short: test rsum {spread} over 2 seeds" in out
+    table = run_benchmark("benchmarks/seed_spread.py", "--record", str(record), "--table", "short").splitlines()
+    assert table[2].startswith(f"| short | `train.max_steps=2` | 2 | {spread} | {min(rsums):.1f}-{max(rsums):.1f} |")
 
 
 def test_seed_spread_names_the_seed_and_log_of_a_failed_stage(tiny_pipeline, tmp_path):
