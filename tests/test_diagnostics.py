@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from avse.analysis.failures import mechanism_by_outcome, mechanism_figure
+from avse.analysis.failures import block_choice_shares, mechanism_by_outcome, mechanism_figure
 from avse.evaluation.diagnostics import block_diagnostics
 from avse.evaluation.evaluate import Embeddings
 
@@ -49,4 +49,6 @@ def test_mechanism_by_outcome_splits_the_hand_made_case_by_t2i_hit():
     assert table.loc["t2i miss at R@1", ["view_cosine", "block_entropy", "distinct_blocks", "view_share_0"]].tolist() == pytest.approx([0.6, 1.0, 2.0, 1.0])
     assert table.loc["t2i hit at R@1", ["view_cosine", "block_entropy", "view_share_1"]].tolist() == pytest.approx([-1.0, 1.0, 0.5])
     assert table.loc["all captions", "block_entropy"] == pytest.approx(1.5)
-    assert len(mechanism_figure(embeddings).axes) == 3
+    # Caption 0's text blocks chose image blocks 0 and 1, caption 1's blocks 1 and 2.
+    assert block_choice_shares(torch.tensor([[0, 1], [1, 2]]), 4).tolist() == [[0.5, 0.5, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]]
+    assert len(mechanism_figure(embeddings).axes) == 4  # three panels and the colour bar

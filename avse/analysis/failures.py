@@ -322,25 +322,33 @@ def mechanism_by_outcome(embeddings: Embeddings, t2i: pd.DataFrame) -> pd.DataFr
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def block_choice_shares(chosen: Tensor, n_blocks: int) -> np.ndarray:
+    """`[T, B]`: for each text block (rows), the share of captions whose text block chose each image block."""
+    one_hot = torch.nn.functional.one_hot(chosen, n_blocks).double()  # [M, T, B]
+    return one_hot.mean(dim=0).numpy()
+
+
 def mechanism_figure(embeddings: Embeddings) -> Figure:
-    """Three panels over the split: each image's view cosine, the share of text-block choices per image
-    block (coloured by view), and how many distinct image blocks a caption's text blocks use."""
+    """Three panels over the split: each image's view cosine; for each text block, the share of captions
+    choosing each image block (a text block that always picks the same block does not look at the content);
+    and how many distinct image blocks a caption's text blocks use."""
     meta = embeddings.meta
     views, block_dim = meta["views"], meta["block_dim"]
     chosen = chosen_blocks(embeddings.images, embeddings.captions, block_dim, embeddings.caption_image)  # [M, T]
-    n_blocks = embeddings.images.size(1) // block_dim
-    figure = Figure(figsize=(12, 3.2), layout="constrained")
-    cosine_ax, share_ax, distinct_ax = figure.subplots(1, 3)
+    n_blocks, n_text = embeddings.images.size(1) // block_dim, chosen.size(1)
+    figure = Figure(figsize=(13, 3.4), layout="constrained")
+    cosine_ax, share_ax, distinct_ax = figure.subplots(1, 3, width_ratios=[1, 1.4, 1])
     cosines = view_cosines(embeddings.images, views).numpy()
-    cosine_ax.hist(cosines, bins=40, range=(min(-1.0, cosines.min()), 1.0) if views > 1 else None, color="tab:blue")
+    cosine_ax.hist(cosines, bins=40, color="tab:blue")
     cosine_ax.set(xlabel="cosine between an image's views", ylabel="images", title=f"views: mean cosine {cosines.mean():.3f}")
-    shares = 100.0 * torch.bincount(chosen.flatten(), minlength=n_blocks).numpy() / chosen.numel()
+    shares = block_choice_shares(chosen, n_blocks)
+    heatmap = share_ax.imshow(100.0 * shares, cmap="magma", vmin=0, vmax=100, aspect="auto")
     per_view = n_blocks // views
-    share_ax.bar(range(n_blocks), shares, color=[f"C{block // per_view}" for block in range(n_blocks)])
     share_ax.set_xticks(range(n_blocks), [f"v{block // per_view}.{block % per_view}" for block in range(n_blocks)], fontsize=7)
-    share_ax.set(xlabel="image block (view.block)", ylabel="% of text-block choices", title="which image block text blocks choose")
+    share_ax.set_yticks(range(n_text), [f"t{t}" for t in range(n_text)], fontsize=7)
+    share_ax.set(xlabel="image block (view.block)", ylabel="text block", title="% of captions choosing each image block")
+    figure.colorbar(heatmap, ax=share_ax, label="%")
     distinct = distinct_per_caption(chosen).numpy()
-    n_text = chosen.size(1)
     distinct_ax.hist(distinct, bins=np.arange(0.5, n_text + 1.5), color="tab:purple", rwidth=0.8)
     distinct_ax.set(xlabel=f"distinct image blocks (of {n_text} text blocks)", ylabel="captions",
                     title=f"blocks per caption: mean {distinct.mean():.2f}")
