@@ -37,7 +37,7 @@ from avse.data.images import Resize
 from avse.data.prepare import prepared_dir
 from avse.data.synthetic import RELATIONS
 from avse.errors import AvseError
-from avse.evaluation.diagnostics import block_diagnostics, chosen_blocks, distinct_per_caption, view_cosines
+from avse.evaluation.diagnostics import choice_diagnostics, chosen_blocks, distinct_per_caption, view_cosines
 from avse.evaluation.evaluate import Embeddings
 from avse.evaluation.recall import RECALL_KS
 from avse.model.avse import AVSE
@@ -309,6 +309,7 @@ def mechanism_by_outcome(embeddings: Embeddings, t2i: pd.DataFrame) -> pd.DataFr
     meta = embeddings.meta
     chosen = chosen_blocks(embeddings.images, embeddings.captions, meta["block_dim"], embeddings.caption_image)  # [M, T]
     cosines = view_cosines(embeddings.images, meta["views"])[embeddings.caption_image]  # [M]: each caption's image
+    n_blocks = embeddings.images.size(1) // meta["block_dim"]
     hit = np.zeros(len(chosen), dtype=bool)
     hit[t2i["caption_index"].to_numpy()[t2i["rank"].to_numpy() == 0]] = True
     rows = {}
@@ -316,9 +317,8 @@ def mechanism_by_outcome(embeddings: Embeddings, t2i: pd.DataFrame) -> pd.DataFr
         index = torch.from_numpy(np.flatnonzero(keep))
         if len(index) == 0:  # a model without misses (or hits)
             continue
-        diagnostics = block_diagnostics(embeddings.images, embeddings.captions[index], meta["block_dim"], meta["views"],
-                                        embeddings.caption_image[index])
-        rows[name] = {"captions": len(index), **diagnostics, "view_cosine": float(cosines[index].mean())}
+        rows[name] = {"captions": len(index), "view_cosine": float(cosines[index].mean()),
+                      **choice_diagnostics(chosen[index], n_blocks, meta["views"])}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 

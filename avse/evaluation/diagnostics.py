@@ -11,7 +11,8 @@ against its own image:
   (1: all text blocks of a caption match one image block);
 - `view_share_<v>`: the share of those choices that fall in view `v` (1 / views: balanced).
 
-`view_cosines` and `chosen_blocks` give the same per image and per caption, for the failure notebook.
+`view_cosines` and `chosen_blocks` give the same per image and per caption, and `choice_diagnostics`
+summarises any subset of captions' choices, for the failure notebook.
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ def distinct_per_caption(chosen: Tensor) -> Tensor:
     return (chosen.sort(dim=1).values.diff(dim=1) != 0).sum(dim=1) + 1
 
 
-def block_diagnostics(img: Tensor, cap: Tensor, block_dim: int, views: int, caption_image: Tensor) -> dict[str, float]:
-    """The numbers of the module docstring; arguments as :func:`chosen_blocks`."""
-    chosen = chosen_blocks(img, cap, block_dim, caption_image)
-    n_blocks = img.size(1) // block_dim
+def choice_diagnostics(chosen: Tensor, n_blocks: int, views: int) -> dict[str, float]:
+    """`block_entropy`, `distinct_blocks` and `view_share_<v>` of :func:`chosen_blocks`' `[M, T]` choices
+    among `n_blocks` image blocks (view-major)."""
     shares = torch.bincount(chosen.flatten(), minlength=n_blocks).double() / chosen.numel()
     nonzero = shares[shares > 0]
     view_shares = shares.view(views, n_blocks // views).sum(dim=1)
-    return {"view_cosine": float(view_cosines(img, views).mean()),
-            "block_entropy": float(-(nonzero * nonzero.log2()).sum()),
+    return {"block_entropy": float(-(nonzero * nonzero.log2()).sum()),
             "distinct_blocks": float(distinct_per_caption(chosen).double().mean()),
             **{f"view_share_{v}": float(share) for v, share in enumerate(view_shares)}}
+
+
+def block_diagnostics(img: Tensor, cap: Tensor, block_dim: int, views: int, caption_image: Tensor) -> dict[str, float]:
+    """The numbers of the module docstring; arguments as :func:`chosen_blocks`."""
+    chosen = chosen_blocks(img, cap, block_dim, caption_image)
+    return {"view_cosine": float(view_cosines(img, views).mean()), **choice_diagnostics(chosen, img.size(1) // block_dim, views)}

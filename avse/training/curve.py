@@ -17,8 +17,8 @@ from avse.io import atomic_path, write_text
 
 CURVE_CSV = Path("metrics/train_curve.csv")
 CURVE_PNG = Path("metrics/train_curve.png")
-COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "dev_rsum", "dev_view_cosine", "dev_block_entropy", "dev_distinct_blocks")
 DIAGNOSTICS = ("view_cosine", "block_entropy", "distinct_blocks")  # of each dev evaluation, beside its rsum
+COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "dev_rsum", *(f"dev_{name}" for name in DIAGNOSTICS))
 
 
 class TrainingCurve:
