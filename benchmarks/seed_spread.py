@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("train", "embed", "evaluate")
+# Every run first falls to a training loss of about 2.9 (colours known, shapes not) and stays there until its
+# encoders start to tell shapes apart; the first logged loss under this marks where it left (docs/embedded-benchmark.md).
+PLATEAU_LOSS = 2.5
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -60,7 +63,9 @@ def run_seed(project: Path, label: str, seed: int, overrides: list[str], threads
     minutes = (time.perf_counter() - start) / 60
     test = json.loads((folder / "metrics" / "eval.json").read_text())["1k"]
     with open(folder / "metrics" / "train_curve.csv") as file:
-        evaluations = [row for row in csv.DictReader(file) if row["dev_rsum"]]
+        rows = list(csv.DictReader(file))
+    evaluations = [row for row in rows if row["dev_rsum"]]
+    plateau_exit = next((int(float(row["step"])) for row in rows if row["loss"] and float(row["loss"]) < PLATEAU_LOSS), None)
     return {
         "label": label,
         "seed": seed,
@@ -70,10 +75,21 @@ def run_seed(project: Path, label: str, seed: int, overrides: list[str], threads
         "t2i_r1": test["t2i_r1"],
         "dev_rsum": [float(row["dev_rsum"]) for row in evaluations],
         "view_cosine": [float(row["dev_view_cosine"]) for row in evaluations if row.get("dev_view_cosine")],
+        "plateau_exit_step": plateau_exit,
         "minutes": round(minutes, 2),
         "threads": threads,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (`platform.processor()` is empty on most Linux systems)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def mean_sd(values: list[float], digits: int = 1) -> str:
@@ -83,9 +99,10 @@ def mean_sd(values: list[float], digits: int = 1) -> str:
 
 def markdown_table(records: list[dict], labels: list[str]) -> str:
     """One row per label, in the order given: its overrides, seeds, test recall mean ± sd over the seeds, the
-    view cosine at the last dev evaluation, and the median minutes per run."""
-    lines = ["| setting | overrides | seeds | test rsum | range | i2t R@1 | t2i R@1 | view cosine | min per run |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    view cosine at the last dev evaluation, the step each seed left the plateau ("never": it stayed), and the
+    median minutes per run."""
+    lines = ["| setting | overrides | seeds | test rsum | range | i2t R@1 | t2i R@1 | view cosine | left the plateau at step | min per run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for label in labels:
         runs = [record for record in records if record["label"] == label]
         if not runs:
@@ -93,9 +110,10 @@ def markdown_table(records: list[dict], labels: list[str]) -> str:
         rsums = [run["test_rsum"] for run in runs]
         overrides = " ".join(f"`{override}`" for override in runs[0]["overrides"]) or "(params.yaml)"
         cosine = mean_sd([run["view_cosine"][-1] for run in runs], digits=3) if runs[0]["view_cosine"] else ""
+        exits = ", ".join("never" if run["plateau_exit_step"] is None else str(run["plateau_exit_step"]) for run in runs)
         lines.append(f"| {label} | {overrides} | {len(runs)} | {mean_sd(rsums)} | {min(rsums):.1f}-{max(rsums):.1f} | "
                      f"{mean_sd([run['i2t_r1'] for run in runs])} | {mean_sd([run['t2i_r1'] for run in runs])} | {cosine} | "
-                     f"{statistics.median(run['minutes'] for run in runs):.1f} |")
+                     f"{exits} | {statistics.median(run['minutes'] for run in runs):.1f} |")
     return "\n".join(lines)
 
 

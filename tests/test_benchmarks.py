@@ -1,5 +1,6 @@
 """The benchmark scripts keep running as the code they measure changes (their --tiny modes, on the CPU)."""
 
+import csv
 import json
 import re
 import statistics
@@ -60,11 +61,16 @@ def test_seed_spread_trains_each_seed_apart_and_summarises_their_test_recall(tin
     for run in runs:  # each seed's own evaluation, in its own folder
         evaluated = json.loads((project / "outputs/seed-spread/short" / f"seed{run['seed']}" / "metrics/eval.json").read_text())
         assert run["test_rsum"] == evaluated["1k"]["rsum"] and run["overrides"] == ["train.max_steps=2"] and len(run["dev_rsum"]) == 1
+        with open(project / "outputs/seed-spread/short" / f"seed{run['seed']}" / "metrics/train_curve.csv") as curve:
+            losses = [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(curve) if row["loss"]]
+        assert losses and run["plateau_exit_step"] == next((step for step, loss in losses if loss < 2.5), None)
     rsums = [run["test_rsum"] for run in runs]
     spread = f"{statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f}"
     assert f"short: test rsum {spread} over 2 seeds" in out
     table = run_benchmark("benchmarks/seed_spread.py", "--record", str(record), "--table", "short").splitlines()
     assert table[2].startswith(f"| short | `train.max_steps=2` | 2 | {spread} | {min(rsums):.1f}-{max(rsums):.1f} |")
+    exits = ", ".join("never" if run["plateau_exit_step"] is None else str(run["plateau_exit_step"]) for run in runs)
+    assert table[2].endswith(f"| {exits} | {statistics.median(run['minutes'] for run in runs):.1f} |")
 
 
 def test_seed_spread_names_the_seed_and_log_of_a_failed_stage(tiny_pipeline, tmp_path):
