@@ -99,7 +99,7 @@ def embed(config: Config) -> None:
     meta = {
         "split": split.name, "dataset": config.data.dataset, "block_dim": trained.model.block_dim,
         "matching": trained.model.matching, "sinkhorn_iters": trained.model.sinkhorn_iters,
-        "dustbin": float(model.dustbin), "views": trained.model.views, "checkpoint_step": checkpoint["step"],
+        "dustbin": model.dustbin.item(), "views": trained.model.views, "checkpoint_step": checkpoint["step"],
     }
     with atomic_path(EMBEDDINGS / split.name) as tmp:
         tmp.mkdir(parents=True)
