@@ -15,8 +15,8 @@ Needs `dvc repro prepare` (the prepared data) first.
 """
 
 import argparse
-import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,6 +26,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from avse.training.curve import CURVE_CSV, TrainingCurve
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("train", "embed", "evaluate")
@@ -62,10 +64,9 @@ def run_seed(project: Path, label: str, seed: int, overrides: list[str], threads
                 raise RuntimeError(f"seed {seed}: `avse {stage}` failed, see {folder / 'log.txt'}")
     minutes = (time.perf_counter() - start) / 60
     test = json.loads((folder / "metrics" / "eval.json").read_text())["1k"]
-    with open(folder / "metrics" / "train_curve.csv") as file:
-        rows = list(csv.DictReader(file))
-    evaluations = [row for row in rows if row["dev_rsum"]]
-    plateau_exit = next((int(float(row["step"])) for row in rows if row["loss"] and float(row["loss"]) < PLATEAU_LOSS), None)
+    rows = TrainingCurve.load(folder / CURVE_CSV).rows
+    evaluations = [row for row in rows if "dev_rsum" in row]
+    plateau_exit = next((int(row["step"]) for row in rows if row.get("loss", math.inf) < PLATEAU_LOSS), None)
     return {
         "label": label,
         "seed": seed,
@@ -73,8 +74,8 @@ def run_seed(project: Path, label: str, seed: int, overrides: list[str], threads
         "test_rsum": test["rsum"],
         "i2t_r1": test["i2t_r1"],
         "t2i_r1": test["t2i_r1"],
-        "dev_rsum": [float(row["dev_rsum"]) for row in evaluations],
-        "view_cosine": [float(row["dev_view_cosine"]) for row in evaluations if row.get("dev_view_cosine")],
+        "dev_rsum": [row["dev_rsum"] for row in evaluations],
+        "view_cosine": [row["dev_view_cosine"] for row in evaluations if "dev_view_cosine" in row],
         "plateau_exit_step": plateau_exit,
         "minutes": round(minutes, 2),
         "threads": threads,

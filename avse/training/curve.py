@@ -26,13 +26,17 @@ class TrainingCurve:
         self.rows = rows or []
 
     @classmethod
+    def load(cls, path: Path) -> "TrainingCurve":
+        """The rows of `path`, each with the columns it has a value for."""
+        with path.open(newline="", encoding="utf-8") as f:
+            return cls([{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)])
+
+    @classmethod
     def resume(cls, path: Path, step: int) -> "TrainingCurve":
         """The rows of `path` up to `step` (none when the file is absent or `step` is 0)."""
         if step == 0 or not path.exists():
             return cls()
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-        return cls([row for row in rows if row.get("step", math.inf) <= step])
+        return cls([row for row in cls.load(path).rows if row.get("step", math.inf) <= step])
 
     def add(self, step: int, epoch: int, **values: float) -> None:
         """A row at `step`; it replaces a row of the same step and kind (a dev evaluation repeated after a resume)."""
