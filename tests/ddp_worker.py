@@ -40,6 +40,7 @@ def main(out_path: str, loss: str) -> None:
     if ctx.is_main:
         grads = {name: p.grad.cpu() for name, p in model.named_parameters() if p.grad is not None}
         torch.save({"objective": objective, "grads": grads}, out_path)
+    del ddp  # before the process group goes (`shutdown`)
     shutdown(ctx)
 
 

@@ -125,7 +125,12 @@ def barrier(ctx: DistContext, what: str = "at a barrier") -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group together: a rank destroying it while another still talks can hang gloo."""
+    """Leave the process group together: a rank destroying it while another still talks can hang gloo.
+
+    Release the DistributedDataParallel wrapper first. Its reducer holds the group too, and if the reducer
+    drops the last reference, the group is destroyed with the GIL held. Gloo's worker threads may still need
+    the GIL to free their last work, so the process would hang at exit (pytorch/pytorch#56297).
+    """
     if ctx.distributed and dist.is_initialized():
         barrier(ctx, "to finish together")
         dist.destroy_process_group()

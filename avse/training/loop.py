@@ -164,6 +164,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         tracker.finish()
         record.write(model_id)
         log.info("training done: %d steps, best dev rsum %.1f at epoch %d, %.0f pairs/s", state.step, state.best_rsum, state.best_epoch, speed["pairs_per_s"])
+    del ddp_model  # before the process group goes (`shutdown`)
     shutdown(ctx)
     return state
 
