@@ -157,9 +157,10 @@ class ImageEncoder(nn.Module):
         batch = images.size(0)
         tokens, _ = self.view_tokens(self.normalize_pixels(images), generator)  # [B * V, n, hidden]
         features = self.proj(tokens)  # [B * V, n, E]
-        lengths = torch.full((features.size(0),), features.size(1), device=features.device)
+        lengths = None  # every view keeps the same number of tokens
         if self.training and self.size_augment:
-            features, lengths = random_token_drop(features, lengths, generator=generator)
+            full = torch.full((features.size(0),), features.size(1), device=features.device)
+            features, lengths = random_token_drop(features, full, generator=generator)
         pooled, _ = self.gpo(features, lengths)  # [B * V, E]
         pooled = nn.functional.normalize(pooled.float(), dim=-1)
         return pooled.view(batch, -1)  # [B, V * E]
@@ -190,7 +191,10 @@ class TextEncoder(nn.Module):
                 f"a caption of {input_ids.size(1)} word pieces is longer than the text backbone's {positions} positions "
                 f"(model.text.max_len: 0 does not truncate); set model.text.max_len to at most {positions}"
             )
-        tokens = self.dropout(self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)  # [B, L, hidden]
+        # transformers takes a 4D mask as it is; from a 2D one it would first read the mask back to the host to see
+        # whether any token is padding, making every step wait for the device.
+        keys = attention_mask[:, None, None, :].bool()  # [B, 1, 1, L]: which tokens every query attends to
+        tokens = self.dropout(self.backbone(input_ids=input_ids, attention_mask=keys).last_hidden_state)  # [B, L, hidden]
         features = self.fc(tokens) + self.mlp(tokens)  # [B, L, E]
         lengths = attention_mask.sum(dim=1)  # [B]
         pooled, _ = self.gpo(features, lengths)  # [B, E]

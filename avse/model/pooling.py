@@ -35,26 +35,34 @@ def valid_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(1)
 
 
-def sorted_weighted_sum(features: Tensor, lengths: Tensor, weights: Tensor) -> Tensor:
+def sorted_weighted_sum(features: Tensor, lengths: Tensor | None, weights: Tensor) -> Tensor:
     """Sort each dimension over the valid positions (descending) and weight the ranks.
 
     Args:
         features: ``[B, L, D]``, positions ``>= lengths[b]`` are padding.
-        lengths: ``[B]`` valid counts, ``>= 1``.
+        lengths: ``[B]`` valid counts, ``>= 1``; None when every position is valid.
         weights: ``[B, L]`` rank weights, zero beyond ``lengths[b]``.
 
     Returns:
         ``[B, D]`` = ``sum_k weights[b, k] * sorted[b, k]``.
     """
-    mask = valid_mask(lengths, features.size(1)).unsqueeze(-1)  # [B, L, 1]
-    # -inf sorts padding after every real value; it is zeroed again before weighting.
-    ranked = features.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values  # [B, L, D]
-    ranked = ranked.masked_fill(~mask, 0.0)
+    if lengths is None:
+        ranked = features.sort(dim=1, descending=True).values  # [B, L, D]
+    else:
+        mask = valid_mask(lengths, features.size(1)).unsqueeze(-1)  # [B, L, 1]
+        # -inf sorts padding after every real value; it is zeroed again before weighting.
+        ranked = features.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values  # [B, L, D]
+        ranked = ranked.masked_fill(~mask, 0.0)
     return (ranked * weights.unsqueeze(-1).to(ranked.dtype)).sum(dim=1)  # [B, D]
 
 
 class GPO(nn.Module):
-    """Generalized Pooling Operator: positional encodings -> BiGRU -> rank scores -> softmax weights."""
+    """Generalized Pooling Operator: positional encodings -> BiGRU -> rank scores -> softmax weights.
+
+    The weights depend only on the set size. Sizes are read from the data on the device, never on
+    the host (a GPU would wait for the host): the BiGRU scores every size ``1..L`` the padded length
+    allows at once, and each sample looks up its row.
+    """
 
     def __init__(self, d_pe: int = 32, d_hidden: int = 32) -> None:
         super().__init__()
@@ -62,66 +70,56 @@ class GPO(nn.Module):
         self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(d_hidden, 1, bias=False)
 
-    def _rank_scores(self, pe: Tensor, lengths: Tensor | None) -> Tensor:
+    def _rank_scores(self, max_len: int, device: torch.device, every_size: bool) -> Tensor:
         """Score each rank with the BiGRU.
 
-        Args:
-            pe: ``[B, T, d_pe]`` positional encodings.
-            lengths: ``[B]`` valid counts to pack by, or None when all ``T`` are valid.
-
         Returns:
-            ``[B, T]`` scores (arbitrary beyond ``lengths``).
+            ``[1, L]`` scores of a full set, or with ``every_size`` ``[L, L]``: row ``i`` scores
+            a set of ``L - i`` elements (arbitrary beyond it).
         """
-        if lengths is None:
-            out, _ = self.gru(pe)  # [B, T, 2 * H]
+        pe = positional_encoding(max_len, self.d_pe, device).unsqueeze(0)  # [1, L, d_pe]
+        if every_size:
+            # Packing keeps the backward direction from starting in the padding; the sizes, decreasing as packing
+            # wants them, are known on the host.
+            packed = pack_padded_sequence(pe.expand(max_len, -1, -1), list(range(max_len, 0, -1)), batch_first=True)
+            out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=max_len)  # [L, L, 2 * H]
         else:
-            # Packing keeps the backward direction from starting in the padding.
-            packed = pack_padded_sequence(pe, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, _ = self.gru(packed)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=pe.size(1))  # [B, T, 2 * H]
+            out, _ = self.gru(pe)  # [1, L, 2 * H]
         forward, backward = out.chunk(2, dim=-1)
-        return self.linear((forward + backward) / 2).squeeze(-1)  # [B, T]
+        return self.linear((forward + backward) / 2).squeeze(-1)  # [1, L] or [L, L]
 
-    def pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
+    def pool_weights(self, lengths: Tensor | None, max_len: int) -> Tensor:
         """Softmax weights over the ranks of each sample; they depend only on ``lengths``.
 
         Args:
-            lengths: ``[B]`` valid counts, ``1 <= lengths <= max_len``.
+            lengths: ``[B]`` valid counts, ``1 <= lengths <= max_len``; None when every set is full.
             max_len: padded length ``L``.
 
         Returns:
-            ``[B, L]`` weights summing to 1 over positions ``< lengths[b]``, exactly 0 beyond.
+            ``[B, L]`` weights summing to 1 over positions ``< lengths[b]``, exactly 0 beyond; ``[1, L]`` for full sets.
         """
+        device = self.linear.weight.device
         # The GRU is tiny and runs one matmul per rank: under autocast, re-casting its weights
         # at each of them costs more than running it in fp32.
-        with torch.autocast(lengths.device.type, enabled=False):
-            return self._pool_weights(lengths, max_len)
+        with torch.autocast(device.type, enabled=False):
+            if lengths is None:
+                return torch.softmax(self._rank_scores(max_len, device, every_size=False).float() / TEMPERATURE, dim=1)
+            table = self._rank_scores(max_len, device, every_size=True)  # [L, L]
+            scores = table[max_len - lengths]  # [B, L]
+            scores = (scores.float() / TEMPERATURE).masked_fill(~valid_mask(lengths, max_len), float("-inf"))
+            return torch.softmax(scores, dim=1)  # [B, L]
 
-    def _pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
-        device = lengths.device
-        # The GRU's input depends only on the length, so run it once per distinct length
-        # (a handful under size augmentation) instead of once per sample.
-        distinct, which = torch.unique(lengths, return_inverse=True)  # [U], [B]
-        pe = positional_encoding(max_len, self.d_pe, device).expand(distinct.size(0), max_len, self.d_pe)  # [U, L, d_pe]
-        if distinct.size(0) == 1 and int(distinct[0]) == max_len:
-            scores = self._rank_scores(pe, None)  # [1, L]
-        else:
-            scores = self._rank_scores(pe, distinct)  # [U, L]
-        scores = scores[which]  # [B, L]
-        scores = (scores.float() / TEMPERATURE).masked_fill(~valid_mask(lengths, max_len), float("-inf"))
-        return torch.softmax(scores, dim=1)  # [B, L]
-
-    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
         """Pool a padded set of features.
 
         Args:
             features: ``[B, L, D]``; positions ``>= lengths[b]`` are ignored whatever they hold.
-            lengths: ``[B]`` valid counts, ``1 <= lengths <= L``.
+            lengths: ``[B]`` valid counts, ``1 <= lengths <= L``; None when all ``L`` are valid.
 
         Returns:
             pooled ``[B, D]`` and weights ``[B, L]``.
         """
-        weights = self.pool_weights(lengths, features.size(1))  # [B, L]
+        weights = self.pool_weights(lengths, features.size(1)).expand(features.size(0), -1)  # [B, L]
         return sorted_weighted_sum(features, lengths, weights), weights
 
 

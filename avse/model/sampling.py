@@ -85,21 +85,20 @@ def view_centres(
     Returns:
         ``[B, V, 2]`` float32 centres.
     """
+    # Constants enter as Python numbers: a tensor built from them on a GPU is a copy the host waits for.
     if train and at_patches:
         index = torch.randint(grid_h * grid_w, (batch, views), generator=generator, device=_draw_device(generator, device)).to(device)
         return torch.stack([index // grid_w, index % grid_w], dim=-1).float() + 0.5  # [B, V, 2]
     if train:
-        scale = torch.tensor([grid_h, grid_w], dtype=torch.float32, device=device)
-        return _uniform((batch, views, 2), generator, device) * scale  # [B, V, 2]
-    centre = torch.tensor([grid_h / 2, grid_w / 2], dtype=torch.float32, device=device)  # [2]
-    if views == 1:
-        offsets = torch.zeros(1, 2, device=device)  # [1, 2]
-    else:
-        angle = torch.arange(views, dtype=torch.float32, device=device) * (2 * math.pi / views)  # [V]
-        radii = torch.tensor([grid_h, grid_w], dtype=torch.float32, device=device) * EVAL_RADIUS_FRACTION
-        # Row grows downwards, so -cos puts view 0 above the centre.
-        offsets = torch.stack([-torch.cos(angle), torch.sin(angle)], dim=-1) * radii  # [V, 2]
-    return (centre + offsets).expand(batch, views, 2).contiguous()  # [B, V, 2]
+        draws = _uniform((batch, views, 2), generator, device)
+        return torch.stack([draws[..., 0] * grid_h, draws[..., 1] * grid_w], dim=-1)  # [B, V, 2]
+    angle = torch.arange(views, dtype=torch.float32, device=device) * (2 * math.pi / views)  # [V]
+    radius = EVAL_RADIUS_FRACTION if views > 1 else 0.0  # one view sits on the centre
+    # Row grows downwards, so minus cos puts view 0 above the centre.
+    rows = grid_h / 2 - torch.cos(angle) * (grid_h * radius)  # [V]
+    cols = grid_w / 2 + torch.sin(angle) * (grid_w * radius)  # [V]
+    centres = torch.stack([rows, cols], dim=-1)  # [V, 2]
+    return centres.expand(batch, views, 2).contiguous()  # [B, V, 2]
 
 
 def radial_bias_indices(

@@ -72,7 +72,17 @@ def train(config: Config, out_dir: Path) -> TrainState:
     # Steps
     bar = progress(total=data.total_steps, initial=state.step, desc="train", unit="step", disable=not ctx.is_main)
     started = last_tick = time.perf_counter()
-    pairs_done, data_wait, window_finite = 0, 0.0, True
+    pairs_done, data_wait = 0, 0.0
+    # The micro-batches' objectives stay on the device until they are logged or checkpointed, and so does the sum of
+    # an accumulation window's: reading them at once would make every step wait for the device.
+    unread_losses: list[torch.Tensor] = []
+    window_objective = None
+
+    def read_losses() -> None:
+        if unread_losses:
+            state.add_losses(torch.stack(unread_losses).tolist(), train_cfg.log_every)
+            unread_losses.clear()
+
     pairs_per_step = data.sampler.global_batch * train_cfg.grad_accum
     model.train()
     try:
@@ -87,16 +97,15 @@ def train(config: Config, out_dir: Path) -> TrainState:
                     group["lr"] = base * lr_factor(state.step, data.steps_per_epoch, data.total_steps, train_cfg)
                 sync = (state.batch_in_epoch + 1) % train_cfg.grad_accum == 0
                 with ddp_model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext():
-                    objective, finite = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler, 1 / train_cfg.grad_accum)
+                    objective = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler, 1 / train_cfg.grad_accum)
                 state.batch_in_epoch += 1
-                window_finite = window_finite and finite
-                if finite:
-                    state.recent_losses = [*state.recent_losses, objective][-train_cfg.log_every:]
+                unread_losses.append(objective)
+                window_objective = objective if window_objective is None else window_objective + objective
                 if not sync:
                     wait_start = time.perf_counter()
                     continue
 
-                if window_finite and optimizer_step(model, optimizer, scaler, train_cfg.grad_clip):
+                if optimizer_step(model, optimizer, scaler, train_cfg.grad_clip, window_objective):
                     state.bad_in_a_row = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)
@@ -107,7 +116,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
                     if state.bad_in_a_row >= train_cfg.max_bad_steps:
                         raise TrainingError(f"training stopped after {state.bad_in_a_row} consecutive steps with a non-finite loss or "
                                             f"gradients (train.max_bad_steps); {checkpoints.last_good()}")
-                window_finite = True
+                window_objective = None
                 state.step += 1
                 pairs_done += pairs_per_step
                 state.pairs_seen += pairs_per_step
@@ -115,12 +124,15 @@ def train(config: Config, out_dir: Path) -> TrainState:
                 state.train_seconds += now - last_tick
                 last_tick, elapsed = now, now - started
                 bar.update(1)
-                bar.set_postfix(loss=f"{objective:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}", refresh=False)
+                if state.step % train_cfg.log_every == 0:
+                    read_losses()
                 if state.step % train_cfg.log_every == 0 and state.recent_losses:
+                    bar.set_postfix(loss=f"{state.recent_loss:.3f}", pairs_s=f"{pairs_done / elapsed:.0f}", refresh=False)
                     logged = {"loss": state.recent_loss, "lr": optimizer.param_groups[-1]["lr"], "pairs_per_s": pairs_done / elapsed}
                     record.tracker.log_metrics(logged | {"data_wait_fraction": data_wait / elapsed}, state.step)
                     curve.add(state.step, state.epoch, **logged)
                 if train_cfg.ckpt_every_steps and state.step % train_cfg.ckpt_every_steps == 0:
+                    read_losses()
                     checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve)
                 if state.step >= data.total_steps:
                     break
@@ -129,6 +141,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
             if state.batch_in_epoch >= data.sampler.batches_per_epoch:  # the epoch is complete
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 evaluate_and_select(state, model, data, config, ctx, dtype, record, curve, checkpoints)
+                read_losses()
                 checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve)
                 last_tick = time.perf_counter()  # evaluation time is not training time
     except BaseException:
@@ -138,6 +151,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
         bar.close()
 
     # The end
+    read_losses()
     if state.evaluated_step != state.step:  # a run that stopped mid-epoch is evaluated where it stopped
         evaluate_and_select(state, model, data, config, ctx, dtype, record, curve, checkpoints)
     checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve, final=True)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class TrainState:
     train_seconds: float = 0.0  # summed over resumed sessions
     pairs_seen: int = 0
     recent_losses: list[float] = field(default_factory=list)  # the last `train.log_every` finite losses
+
+    def add_losses(self, losses: list[float], keep: int) -> None:
+        """The finite ones of the micro-batches' `losses` join the last `keep`."""
+        self.recent_losses = [*self.recent_losses, *(loss for loss in losses if math.isfinite(loss))][-keep:]
 
     @property
     def recent_loss(self) -> float:

@@ -26,42 +26,41 @@ class TrainingError(AvseError):
 def forward_backward(
     ddp_model: torch.nn.Module, model: AVSE, batch: tuple[Tensor, ...], ctx: DistContext, config: Config,
     epoch: int, dtype: torch.dtype, scaler: torch.amp.GradScaler, loss_scale: float = 1.0,
-) -> tuple[float, bool]:
-    """One micro-batch: forward, loss and backward. Returns (the global objective, whether it was finite)."""
+) -> Tensor:
+    """One micro-batch: forward, loss and backward. Returns the global objective, a scalar left on the device:
+    reading it here would make the host wait for the device at every micro-batch. A non-finite objective is
+    back-propagated like any other; `optimizer_step` then skips the step."""
     images, input_ids, attention_mask, groups = (t.to(ctx.device, non_blocking=True) for t in batch)
     with autocast(ctx.device, dtype):
         img, cap = ddp_model(images, input_ids, attention_mask)
     loss = contrastive_loss(model, img, cap, groups, ctx, config, epoch)
     # Averaged although every rank computed the same value: a kernel's last bits may differ between
-    # devices, and all ranks must take the same branch below.
+    # devices, and all ranks must take the same decision in `optimizer_step`.
     objective = all_reduce_sum(loss.detach(), ctx) / ctx.world_size
-    finite = bool(torch.isfinite(objective))
-    if finite:
-        scaler.scale(loss * loss_scale).backward()
-    return float(objective), finite
+    scaler.scale(loss * loss_scale).backward()
+    return objective
 
 
-def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float) -> bool:
-    """Clip and apply the accumulated gradients; returns False (and applies nothing) if they are not finite,
-    which the fp16 loss scaler also decides for the steps it skips."""
+def optimizer_step(model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
+                   objective: Tensor | None = None) -> bool:
+    """Clip and apply the accumulated gradients; returns False (and applies nothing) if they, or the summed
+    `objective` of their micro-batches, are not finite. That decision is the one place where a training step
+    waits for the device."""
     if missing := parameters_without_gradient(model):
         # Under DistributedDataParallel the next step would stop with "Expected to have finished reduction".
         raise TrainingError(
             f"{len(missing)} trainable parameters got no gradient ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): "
             "the model builds a part this configuration does not use without freezing it (AVSE.unused_parameters)"
         )
-    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones; records non-finite ones for `update`
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    # Gradients are identical on every rank after DDP's all-reduce, so all ranks decide alike.
-    if scaler.is_enabled():
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skipped by the scaler itself when a gradient is not finite
-        scaler.update()
-        applied = scaler.get_scale() >= scale  # and then, only then, it lowers its scale
-    else:
-        applied = bool(torch.isfinite(norm))
-        if applied:
-            optimizer.step()
+    finite = torch.isfinite(norm) if objective is None else torch.isfinite(norm) & torch.isfinite(objective)
+    # Gradients are identical on every rank after DDP's all-reduce, and so is the objective, so all ranks decide alike.
+    applied = bool(finite)
+    if applied:
+        # What `scaler.step` does once the gradients are unscaled and found finite, without reading them again.
+        optimizer.step()
+    scaler.update()  # under fp16, lowers the loss scale after non-finite gradients; otherwise nothing
     optimizer.zero_grad(set_to_none=True)
     return applied
 
