@@ -188,9 +188,12 @@ def test_a_trainable_parameter_without_a_gradient_stops_the_step_with_its_name()
         optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), grad_clip=2.0)
 
 
-def test_a_process_waiting_past_the_timeout_stops_with_the_parameter_named():
-    """The other processes wait for the first one's dev evaluation no longer than train.dist_timeout_minutes."""
-    result = run([*TORCHRUN, "--nproc_per_node=2", str(REPO / "tests" / "timeout_worker.py"), "3"], cwd=REPO, check=False, timeout=300)
+@pytest.mark.parametrize("late", [1, 0])
+def test_a_process_waiting_past_the_timeout_stops_with_the_parameter_named(late):
+    """The other processes wait for the first one's dev evaluation no longer than train.dist_timeout_minutes, and
+    the first waits for them as long. The wait runs on a gloo group whatever the backend, so under NCCL too."""
+    result = run([*TORCHRUN, "--nproc_per_node=2", str(REPO / "tests" / "timeout_worker.py"), "3", str(late)], cwd=REPO, check=False,
+                 timeout=300)
     assert result.returncode != 0
-    assert ("error: process 0 waited more than train.dist_timeout_minutes (0.05) for the other processes while the first "
+    assert (f"error: process {1 - late} waited more than train.dist_timeout_minutes (0.05) for the other processes while the first "
             "evaluated the dev split and wrote checkpoints: one of them died or hangs") in result.stderr

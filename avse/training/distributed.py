@@ -27,6 +27,9 @@ class DistContext:
     world_size: int
     device: torch.device
     timeout: timedelta = DEFAULT_TIMEOUT  # how long a collective waits for the other processes
+    # A gloo group for the project's own waits (`barrier`), whatever the backend of the collectives: NCCL's
+    # collectives return at once, and at its timeout NCCL's watchdog ends the process without a word.
+    waits: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -54,7 +57,7 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> DistContext:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPUs), or run as a single process.
 
     `timeout` bounds every wait for the other processes (`train.dist_timeout_minutes`), NCCL's
-    default included: past it the waiting process stops with an error naming the parameter.
+    default included: past it a process waiting at a `barrier` stops with an error naming the parameter.
     """
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,7 +75,8 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> DistContext:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=world_size,
                                 timeout=timeout)
-    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, timeout)
+    waits = dist.new_group(backend="gloo", timeout=timeout)
+    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, timeout, waits)
 
 
 @contextlib.contextmanager
@@ -81,7 +85,8 @@ def waiting_for_the_others(ctx: DistContext, what: str):
     try:
         yield
     except RuntimeError as err:  # gloo's and NCCL's timeouts (DistBackendError is a RuntimeError)
-        if "timed out" not in str(err).lower():
+        message = str(err).lower()
+        if "timed out" not in message and "failed to pass monitoredbarrier" not in message:
             raise
         minutes = ctx.timeout.total_seconds() / 60
         raise CollectiveTimeout(
@@ -119,9 +124,11 @@ def all_reduce_sum(x: Tensor, ctx: DistContext) -> Tensor:
 
 
 def barrier(ctx: DistContext, what: str = "at a barrier") -> None:
+    """Wait for every process, on the gloo group: a process that never comes stops the others with the named error
+    after `ctx.timeout`, under NCCL too."""
     if ctx.distributed:
         with waiting_for_the_others(ctx, what):
-            dist.barrier()
+            dist.monitored_barrier(group=ctx.waits, timeout=ctx.timeout)
 
 
 def shutdown(ctx: DistContext) -> None:
