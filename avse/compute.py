@@ -35,25 +35,24 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for the forward pass; `float32` is none.
+def autocast(device: torch.device, dtype: torch.dtype, deterministic: bool = False):
+    """Mixed precision for the forward pass (`float32` is none), and the attention kernels that fit it.
 
-    On CPUs, a bf16 forward that records gradients runs attention through SDPA's math
-    backend: its matmuls use the bf16 matrix units, while the fused CPU kernel's backward
-    is several times slower in bf16 than in fp32 (`benchmarks/README.md`, training step).
-    Without gradients (embedding, evaluation) the fused kernel's forward is the faster one.
+    A forward pass that records gradients runs attention through SDPA's math backend
+    - on CPUs in bf16: its matmuls use the bf16 matrix units, while the fused CPU kernel's backward
+      is several times slower in bf16 than in fp32 (`benchmarks/README.md`, training step);
+    - on GPUs under `deterministic` (`train.deterministic`): the fused kernels' backward may add
+      partial gradients in varying order.
+    Without gradients (embedding, evaluation) the fused kernels run: their forward is the faster one,
+    and on GPUs it repeats bitwise too (flash and memory-efficient attention; PyTorch's reproducibility
+    notes), where the math path would hold every `[batch, heads, tokens, tokens]` score matrix.
     """
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    if device.type == "cpu" and torch.is_grad_enabled():
-        return _cpu_training_precision(dtype)
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@contextlib.contextmanager
-def _cpu_training_precision(dtype: torch.dtype):
-    with torch.autocast("cpu", dtype=dtype), sdpa_kernel(SDPBackend.MATH):
-        yield
+    contexts = contextlib.ExitStack()
+    if dtype != torch.float32:
+        contexts.enter_context(torch.autocast(device.type, dtype=dtype))
+    if torch.is_grad_enabled() and ((device.type == "cpu" and dtype != torch.float32) or (device.type == "cuda" and deterministic)):
+        contexts.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return contexts
 
 
 def recompute_as_forward() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:

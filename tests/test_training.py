@@ -105,6 +105,19 @@ def test_cpu_bf16_attention_avoids_the_fused_kernel():
         assert torch.backends.cuda.flash_sdp_enabled()
 
 
+def test_deterministic_gpu_training_takes_the_math_path_and_evaluation_the_fused_kernels():
+    """Under train.deterministic, only forward passes that record gradients give up fused attention (their backward
+    may sum in varying order); no-grad evaluation keeps flash attention's memory."""
+    cuda = torch.device("cuda", 0)
+    for_training = [torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled]
+    with compute.autocast(cuda, torch.float32, deterministic=True):
+        assert not any(enabled() for enabled in for_training) and torch.backends.cuda.math_sdp_enabled()
+    with torch.no_grad(), compute.autocast(cuda, torch.float32, deterministic=True):
+        assert all(enabled() for enabled in for_training)
+    with compute.autocast(cuda, torch.float32, deterministic=False):
+        assert all(enabled() for enabled in for_training)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
 def test_retain_freed_memory_takes_effect_on_glibc():
     assert compute.retain_freed_memory() is True

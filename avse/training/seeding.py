@@ -58,16 +58,15 @@ def set_deterministic(enabled: bool, device: torch.device) -> None:
     On a CPU PyTorch's kernels already repeat; `use_deterministic_algorithms` there is a
     guard that stops the run if an op without a deterministic kernel is ever added. On CUDA
     it also selects deterministic kernels (scatter, index_add, embedding backward), needs
-    cuBLAS's fixed workspace (set here if the user has not, before any CUDA work), and
-    attention takes SDPA's math path, since the fused kernels' backward may add partial
-    gradients in varying order. Bits repeat on the same GPU model, driver and library
-    versions; other GPU models choose other kernels.
+    cuBLAS's fixed workspace (set here if the user has not, before any CUDA work), and leaves
+    out cuDNN's attention. Training's forward passes take SDPA's math path (`compute.autocast`);
+    no-grad evaluation keeps flash and memory-efficient attention, whose forward repeats. Bits
+    repeat on the same GPU model, driver and library versions; other GPU models choose other kernels.
     """
     if device.type == "cuda":
         if enabled:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         torch.backends.cudnn.deterministic = enabled
-        for enable_fused in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp, torch.backends.cuda.enable_cudnn_sdp):
-            enable_fused(not enabled)
+        torch.backends.cuda.enable_cudnn_sdp(not enabled)
     # On CUDA an op with no deterministic kernel warns rather than stopping a long GPU run.
     torch.use_deterministic_algorithms(enabled, warn_only=device.type == "cuda")

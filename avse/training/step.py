@@ -31,7 +31,7 @@ def forward_backward(
     reading it here would make the host wait for the device at every micro-batch. A non-finite objective is
     back-propagated like any other; `optimizer_step` then skips the step."""
     images, input_ids, attention_mask, groups = (t.to(ctx.device, non_blocking=True) for t in batch)
-    with autocast(ctx.device, dtype):
+    with autocast(ctx.device, dtype, config.train.deterministic):
         img, cap = ddp_model(images, input_ids, attention_mask)
     loss = contrastive_loss(model, img, cap, groups, ctx, config, epoch)
     # Averaged although every rank computed the same value: a kernel's last bits may differ between
