@@ -1,10 +1,13 @@
 """What only a CUDA GPU can show: these run on a machine with one, and are skipped elsewhere."""
 
+import numpy as np
 import pytest
 import torch
 
 from avse import compute
 from avse.config import from_dict
+from avse.data.dataset import PreparedSplit
+from avse.evaluation import embed
 from avse.model.avse import build_model
 from avse.model.encoders import interpolate_positions
 from avse.training.distributed import DistContext
@@ -56,3 +59,23 @@ def test_training_steps_repeat_bitwise_on_the_gpu(vision):
             optimizer_step(model, optimizer, scaler, config.train.grad_clip)
         weights.append({name: value.detach().cpu() for name, value in model.state_dict().items()})
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+
+def test_the_embed_stage_copies_pinned_image_batches(monkeypatch, tmp_path):
+    """Asynchronous copies to the GPU need page-locked host memory."""
+    pinned = []
+
+    class RecordingLoader(embed.DataLoader):
+        def __iter__(self):
+            for images, indices in super().__iter__():
+                pinned.append(images.is_pinned())
+                yield images, indices
+
+    monkeypatch.setattr(embed, "DataLoader", RecordingLoader)
+    config = from_dict({"data": {"img_res": 32}, "model": {"vision": {"name": "vit-tiny"}, "embed_size": 32, "block_dim": 16}})
+    model = build_model(config, vocab_size=50).to(CUDA)
+    np.save(tmp_path / "images.npy", np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    split = PreparedSplit("test", ["a"] * 15, np.repeat(np.arange(3), 5), np.arange(3), [""] * 3, tmp_path / "images.npy")
+    embedded = embed.encode_images(model, split, 32, 2, CUDA, resize=config.data.resize)
+    assert embedded.device.type == "cpu" and embedded.shape[0] == 3 and pinned == [True, True]

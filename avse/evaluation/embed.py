@@ -36,13 +36,16 @@ def encode_images(
     square per `resize` (`data.resize`), never augmented."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(ImageDataset(split, resolution, resize), batch_size=batch_size, num_workers=num_workers)
+    # Pinned batches make the copies to a GPU asynchronous; the embeddings stay there until the end, so that the
+    # host never waits for a batch before it queues the next.
+    loader = DataLoader(ImageDataset(split, resolution, resize), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     chunks = []
     for images, _ in progress_bar(loader, desc=f"images {split.name}", disable=not progress, unit="batch"):
         with autocast(device, dtype):
-            chunks.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
+            chunks.append(model.encode_image(images.to(device, non_blocking=True)).float())
     model.train(was_training)
-    return torch.cat(chunks)
+    return torch.cat(chunks).cpu()
 
 
 @torch.no_grad()
@@ -57,6 +60,6 @@ def encode_captions(
     for start in progress_bar(range(0, len(captions), batch_size), desc="captions", disable=not progress, unit="batch"):
         input_ids, attention_mask = tokenize(captions[start : start + batch_size])
         with autocast(device, dtype):
-            chunks.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).float().cpu())
+            chunks.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).float())
     model.train(was_training)
-    return torch.cat(chunks)
+    return torch.cat(chunks).cpu()
