@@ -52,8 +52,8 @@ def peak_tflops(device_name: str) -> float | None:
     return next((peak for part, peak in PEAK_TFLOPS if part in device_name), None)
 
 
-def mfu_text(flops_per_s: float, peak: float | None, device_name: str) -> str:
-    return f"{flops_per_s / 1e12 / peak:.1%}" if peak else f"n/a (unknown device {device_name}: --peak-tflops)"
+def mfu_text(mfu: float | None, device_name: str) -> str:
+    return f"{mfu:.1%}" if mfu is not None else f"n/a (unknown device {device_name}: --peak-tflops)"
 
 
 def synchronize(device: torch.device) -> None:
@@ -188,11 +188,11 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}")
     for label, overrides in runs.items():
         result = training(overrides, args.steps, device)
-        flops_per_s = result["flops"] / result["seconds"]
+        tflops = result["flops"] / result["seconds"] / 1e12
         memory = f", peak memory {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
         syncs = f", {result['host_synchronizations']['count']} host synchronisations" if "host_synchronizations" in result else ""
         print(f"train {label}: {result['pairs_per_s']:.1f} pairs/s in {result['dtype']}, {result['seconds'] * 1000:.0f} ms/step, "
-              f"{result['flops'] / 1e12:.3f} TFLOP/step, {flops_per_s / 1e12:.2f} TFLOP/s, MFU {mfu_text(flops_per_s, peak, name)}{memory}{syncs}")
+              f"{result['flops'] / 1e12:.3f} TFLOP/step, {tflops:.2f} TFLOP/s, MFU {mfu_text(tflops / peak if peak else None, name)}{memory}{syncs}")
         for where in result.get("host_synchronizations", {}).get("first", []):
             print(f"  synchronisation at {where}")
     images, captions = (200, 1000) if args.tiny else COCO_5K

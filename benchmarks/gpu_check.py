@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --tiny    # the same sections, small, on whatever device there is
 
 It runs on the packages already installed (a GPU machine often has its own torch, newer or
-older than `requirements.txt` pins, and no package index), and first names any that are missing.
+older than `requirements.txt` pins, and no package index), and first names any that are missing;
+without a CUDA device it stops at once (exit status 2) unless `--tiny` is given.
 Sections, each recorded in the summary file (`gpu_check.json`, `--out`):
 
 1. environment: the device, its bf16 support, the versions of torch and transformers;
@@ -12,10 +13,14 @@ Sections, each recorded in the summary file (`gpu_check.json`, `--out`):
    on the device, as `avse` runs them (tracking off);
 3. repeatability: the same training again gives the same bits (`train.deterministic: true`);
 4. processes: one process against two on the same global batch give the same objective and
-   gradients (needs two GPUs; on one GPU it is skipped, and the CPU test suite covers it with gloo);
+   gradients, TF32 off (needs two GPUs; on one GPU it is skipped, and the CPU test suite covers it with gloo);
 5. rows: each architecture of the paper's rows (`experiments.yaml`) at full size on one
-   process, at its per-process batch: step time, pairs/s, MFU and peak memory, in the default
-   kernels and in the fast ones (`train.deterministic: false`, `train.compile: true`).
+   process, at its per-process batch: step time, pairs/s, MFU (against the device's dense bf16
+   peak, `--peak-tflops` for a device `gpu.peak_tflops` does not know) and the row's own peak
+   memory, in the default kernels and in the fast ones (`train.deterministic: false`,
+   `train.compile: true`), with what torch.compile did in the fast ones (frames compiled,
+   recompilations, a fallback to eager) and, on a GPU, the host synchronisations left in the
+   timed steps (torch's sync debug mode).
 
 A section that would start after `--budget-minutes` is skipped and says so.
 """
@@ -95,14 +100,19 @@ def pipeline_and_repeatability(overrides: list[str], work: Path) -> tuple[dict, 
 
 
 def processes(work: Path) -> dict:
-    """tests/ddp_worker.py on one process and on two: the same objective and gradients on the same global batch."""
+    """tests/ddp_worker.py on one process and on two: the same objective and gradients on the same global batch.
+
+    TF32 is off in both (`NVIDIA_TF32_OVERRIDE=0` switches it off in cuBLAS and cuDNN whatever torch's flags say):
+    with its 10-bit mantissa, sums in another order differ by about 1e-3, ten times the test suite's tolerance."""
     import torch
 
     worker = str(REPO / "tests" / "ddp_worker.py")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, worker, str(work / "one.pt"), "hinge"], env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(work / "two.pt"), "hinge"],
-                   env=env, check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NVIDIA_TF32_OVERRIDE": "0"}
+    for command in ([worker, str(work / "one.pt"), "hinge"],
+                    ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(work / "two.pt"), "hinge"]):
+        result = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     one, two = torch.load(work / "one.pt"), torch.load(work / "two.pt")
     # The test suite's tolerance (tests/test_training.py): float sums in another order, nothing more.
     differing = [name for name, grad in one["grads"].items() if not torch.allclose(two["grads"][name], grad, rtol=1e-4, atol=1e-6)]
@@ -112,16 +122,15 @@ def processes(work: Path) -> dict:
             "same": abs(one["objective"] - two["objective"]) <= 1e-5 * abs(one["objective"]) and not differing}
 
 
-def rows(tiny: bool, steps: int) -> dict:
-    """Step time, pairs/s, MFU and peak memory of each architecture of the paper's rows, default and fast kernels."""
+def rows(tiny: bool, steps: int, peak: float | None) -> dict:
+    """Step time, pairs/s, MFU and peak memory of each architecture of the paper's rows, default and fast kernels;
+    in the fast ones, what torch.compile did."""
     import torch
 
     from avse.experiments import FULL_SIZE_RANDOM, load_experiments
-    from gpu import PEAK_TFLOPS, TINY_RUNS, training
+    from gpu import TINY_RUNS, compilations, training
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     if tiny:
         runs = TINY_RUNS
     else:
@@ -134,10 +143,10 @@ def rows(tiny: bool, steps: int) -> dict:
     results = {}
     for label, overrides in runs.items():
         for setting, extra in (("default", []), ("fast", FAST)):
-            result = training([*overrides, *extra], steps, device)
+            with compilations() as compiled:
+                result = training([*overrides, *extra], steps, device)
             result["mfu"] = result["flops"] / result["seconds"] / 1e12 / peak if peak else None
-            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            results[f"{label}, {setting}"] = result
+            results[f"{label}, {setting}"] = result | ({"compilation": compiled} if setting == "fast" else {})
     return results
 
 
@@ -147,15 +156,26 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_check.json", help="summary file (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row and setting")
     parser.add_argument("--budget-minutes", type=float, default=7.0, help="no section starts after this")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU (default: by device name)")
     args = parser.parse_args()
     if missing := missing_packages():
         sys.exit(f"missing packages: {' '.join(missing)}. Without a package index, on a machine with one and the same Python "
                  f"version: `pip download -d wheels {' '.join(missing)}`; copy wheels/ here, then "
                  f"`pip install --no-index --find-links wheels {' '.join(missing)}`.")
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        parser.exit(2, "error: no CUDA device (torch.cuda.is_available() is false); "
+                       "python benchmarks/gpu_check.py --tiny runs the same sections small on this machine\n")
+    from gpu import mfu_text, peak_tflops
+
     started = time.perf_counter()
     summary: dict = {"environment": environment()}
+    device_name = summary["environment"]["device"]
+    peak = summary["environment"]["peak_tflops"] = args.peak_tflops or peak_tflops(device_name)
     print(json.dumps(summary["environment"]), flush=True)
-    import torch
+    if not peak:
+        print(f"MFU: {mfu_text(None, device_name)}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -163,7 +183,7 @@ def main() -> None:
             "pipeline": lambda: pipeline_and_repeatability(TINY_PIPELINE if args.tiny else PIPELINE, work),
             "processes": lambda: processes(work) if (torch.cuda.device_count() >= 2 or not torch.cuda.is_available())
             else {"skipped": "one process against two needs two GPUs (NCCL takes one GPU per process)"},
-            "rows": lambda: rows(args.tiny, args.steps),
+            "rows": lambda: rows(args.tiny, args.steps, peak),
         }
         for name, section in sections.items():
             if time.perf_counter() - started > args.budget_minutes * 60:

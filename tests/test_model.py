@@ -57,7 +57,8 @@ def test_dry_run_reports_a_step_of_the_configured_shape(vision, capsys):
     assert report["params_vision_m"] == pytest.approx(sum(p.numel() for p in build_model(cfg, 1000).image_encoder.backbone.parameters()) / 1e6)
     assert report["seconds_per_step"] > 0
     assert 0 < report["backward_peak_mb"] <= report["peak_memory_mb"]  # the first backward pass, then the optimiser's state
-    assert f"dry run: {vision} + bert-tiny at 64px, batch 2, float32 on cpu" in capsys.readouterr().out
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the dry run takes the device training would take
+    assert f"dry run: {vision} + bert-tiny at 64px, batch 2, float32 on {device}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("vision, vision_params, grid", [
