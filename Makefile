@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test compare ui gpu-check clean
+.PHONY: install run test test-compat compare ui gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,20 @@ run: install
 
 test: install
 	python -m pytest
+
+# The tests that build backbones, checkpoint activations and train, again with the GPU machines' transformers
+# (pure Python, laid over the venv): the oldest version pyproject.toml declares.
+COMPAT := .compat/transformers-5.17
+COMPAT_TESTS := tests/test_model.py tests/test_training.py tests/test_host_sync.py tests/test_text_encoder.py \
+	tests/test_official.py tests/test_experiments.py tests/test_pretrained.py
+
+$(COMPAT)/.installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPAT) transformers==5.17.0 huggingface-hub==1.33.0
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	PYTHONPATH=$(abspath $(COMPAT)) python -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__version__"
+	PYTHONPATH=$(abspath $(COMPAT)) python -m pytest $(COMPAT_TESTS)
 
 compare: install
 	avse compare

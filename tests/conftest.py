@@ -130,7 +130,8 @@ def command_env(cwd: Path, extra: dict[str, str] | None = None) -> dict[str, str
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)  # set by MLflow calls made in the test process; commands choose their own store
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = str(cwd)
+    # After `cwd`, what the suite itself was given (`make test-compat` lays other package versions over the venv).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))
     # Commands run on the CPU (gloo for several processes) on any machine: a GPU machine may have one GPU where a
     # test starts two processes, and the CPU results are what the tests compare with. CUDA tests run in-process.
     env["CUDA_VISIBLE_DEVICES"] = ""

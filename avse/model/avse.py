@@ -77,7 +77,11 @@ class AVSE(nn.Module):
         """
         for backbone in (self.image_encoder.backbone, self.text_encoder.backbone):
             backbone.config.use_cache = False  # BERT's key/value cache, unused here, would be switched off with a warning
-            backbone.activation_checkpointing_enable({"use_reentrant": False, "context_fn": recompute_as_forward})
+            options = {"use_reentrant": False, "context_fn": recompute_as_forward}
+            if hasattr(backbone, "activation_checkpointing_enable"):
+                backbone.activation_checkpointing_enable(options)
+            else:  # its name before transformers 5.24 (later, a deprecated alias)
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         innermost = set(self.transformer_blocks())
         for module in self.modules():
             if isinstance(module, GradientCheckpointingLayer) and module not in innermost:
