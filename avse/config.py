@@ -177,6 +177,7 @@ class EmbedConfig:
 class EvalConfig:
     protocol: Literal["auto", "1k", "5fold1k", "5k"] = "auto"
     chunk_size: int = field(default=256, metadata=POSITIVE)
+    pm_gt_dir: str = field(default="", metadata={"may_be_empty": True})  # "": no PMRP
 
 
 @dataclass(frozen=True)
@@ -341,9 +342,9 @@ def _scalar(hint: type, value: Any, key: str, metadata: typing.Mapping[str, Any]
                 pass
         raise ConfigError(f"{key}: {value!r} is not {expected or 'a number'}")
     if hint is str:
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and (value or metadata.get("may_be_empty")):
             return value
-        raise ConfigError(f"{key}: {value!r} is not a non-empty string")
+        raise ConfigError(f"{key}: {value!r} is not a {'' if metadata.get('may_be_empty') else 'non-empty '}string")
     raise TypeError(f"unsupported parameter type {hint} for {key}")
 
 

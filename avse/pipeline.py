@@ -113,7 +113,7 @@ def evaluate(config: Config) -> None:
     """Score every image-caption pair exactly; write metrics, plots and per-query results; report to MLflow."""
     from avse.data.dataset import PreparedSplit
     from avse.data.prepare import prepared_dir
-    from avse.evaluation import evaluate as ev
+    from avse.evaluation import eccv, evaluate as ev
     from avse.io import write_json
     from avse.run_info import split_input
     from avse.tracking import Tracker
@@ -128,8 +128,13 @@ def evaluate(config: Config) -> None:
     n_images = embeddings.images.size(0)
     if "5fold1k" in protocols and n_images % 1000:
         raise AvseError(f"eval.protocol: 5fold1k needs a multiple of 1000 images, but {split_name} has {n_images} (were images skipped?)")
+    coco_test = config.data.dataset == "coco" and split_name == "testall"
+    if coco_test:  # refused before the scoring, not after it
+        annotations, alignment = ev.coco_test_alignment(split, config.eval.pm_gt_dir)
     sims = ev.score(embeddings, config.eval.chunk_size)
     results = {protocol: ev.protocol_metrics(sims, protocol) for protocol in protocols}
+    if coco_test:
+        results |= eccv.coco_test_metrics(sims, alignment, annotations)
     write_json(EVAL_METRICS, {protocol: {k: round(v, 4) for k, v in metrics.items()} for protocol, metrics in results.items()})
     ev.write_recall_curve(sims, RECALL_CURVE, RECALL_PLOT, f"{config.data.dataset} {split_name}: R@K")
     ev.write_per_query(sims, split.captions, embeddings.image_ids, split.image_paths, EVAL_OUTPUTS)
@@ -144,6 +149,8 @@ def evaluate(config: Config) -> None:
             tracker.log_artifact(artifact, "evaluation")
         tracker.finish()
     print(ev.format_table(results))
+    if coco_test:
+        print(ev.format_coco_test_table(results))
 
 
 def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: bool = False, out_dir: Path | None = None) -> Path:

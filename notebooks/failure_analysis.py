@@ -66,6 +66,23 @@ failures.t2i_failure_figure(worst_t2i, images)
 failures.i2t_failure_figure(failures.worst_queries(i2t, WORST), images)
 
 # %% [markdown]
+# ## COCO: misses that are the annotation's
+#
+# COCO's 5K test counts a caption of another image that truly describes an image as a miss. ECCV
+# Caption and CxC re-annotated the split; among the misses (the item retrieved first is not a COCO
+# positive) of the queries they cover, the share whose first item one of them verified is the
+# annotation's error, not the model's (also logged with the run as `testall_verified_misses_*`).
+
+# %%
+if config.data.dataset == "coco" and config.embed.split == "testall":
+    coco_misses = failures.coco_verified_misses(PROJECT, config)
+    display(coco_misses.groupby("direction")["verified_by"].value_counts().unstack(fill_value=0))
+    verified = coco_misses[coco_misses["verified_by"] != ""]
+    failures.verified_miss_figure(verified.groupby("direction").head(WORST // 2), images)
+else:
+    print("ECCV Caption and CxC re-annotate COCO's 5K test only (data.dataset: coco, embed.split: testall)")
+
+# %% [markdown]
 # ## Recall by caption length
 
 # %%

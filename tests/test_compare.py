@@ -30,7 +30,8 @@ def store(tmp_path):
     baseline = log_run(client, experiment_id, "baseline",
                        {"data.img_res": 384, "model.views": 1, "model.block_dim": 1024, "model.matching": "max", "train.epochs": 25},
                        {"dataset": "coco", "backbone": "microsoft/swin-base-patch4-window12-384-in22k"},
-                       {"testall_5fold1k_rsum": 500.0, "testall_5k_rsum": 400.0, "testall_5fold1k_t2i_r1": 60.0}, status="KILLED")
+                       {"testall_5fold1k_rsum": 500.0, "testall_5k_rsum": 400.0, "testall_5fold1k_t2i_r1": 60.0,
+                        "testall_eccv_i2t_map_at_r": 41.5, "testall_cxc_t2i_r1": 55.25}, status="KILLED")
     return uri, avse, baseline
 
 
@@ -43,6 +44,12 @@ def test_one_correct_row_per_run(store, tmp_path):
         "f30k", 224, 2, 256, "1k", 480.5, 70.1, 410.0, "vit-224"]
     # COCO reports its 5-fold 1K result, the first protocol in order of preference.
     assert rows.loc[baseline, ["protocol", "rsum", "t2i_r1", "views"]].tolist() == ["5fold1k", 500.0, 60.0, 1]
+    # COCO's 5K test also has ECCV Caption and CxC; Flickr30K has neither.
+    assert rows.loc[baseline, ["eccv_i2t_map_at_r", "cxc_t2i_r1"]].tolist() == [41.5, 55.25]
+    assert rows.loc[avse, ["eccv_i2t_map_at_r", "cxc_t2i_r1"]].isna().all()
+    shown = summary_for_reading(seed_summary(table))
+    assert shown["eccv_i2t_map_at_r"].tolist() == ["41.5", ""] or shown["eccv_i2t_map_at_r"].tolist() == ["", "41.5"]
+    assert "eccv_t2i_r1" not in shown  # a metric no experiment has is left out of the readable table
     # An interrupted run is listed, and says so.
     assert rows.loc[baseline, "status"] == "KILLED" and rows.loc[avse, "status"] == "FINISHED"
     assert pd.isna(rows.loc[baseline, "train_seconds"]) and pd.isna(rows.loc[baseline, "dvc_experiment"])
@@ -96,8 +103,9 @@ def test_written_comparison_has_one_row_per_experiment_and_every_run(store, tmp_
     assert pd.read_csv(paths[3]).shape == (2, len(COLUMNS))
     markdown = paths[1].read_text().splitlines()
     assert markdown[0].startswith("| experiment | differs | dataset | backbone |") and len(markdown) == 4
-    # One run: the mean alone, no sd.
-    assert markdown[3].endswith("| 224 | 2 | 256 | max | 25 | 1k | 1 |  | 70.1 |  |  | 52.3 |  |  | 480.5 | 410.0 |")
+    # One run: the mean alone, no sd; the COCO run's ECCV Caption and CxC columns are empty for the Flickr30K one.
+    assert markdown[0].endswith("| rsum | eccv_i2t_map_at_r | cxc_t2i_r1 | pairs_per_s |")
+    assert markdown[3].endswith("| 224 | 2 | 256 | max | 25 | 1k | 1 |  | 70.1 |  |  | 52.3 |  |  | 480.5 |  |  | 410.0 |")
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 

@@ -14,12 +14,16 @@ from avse.errors import AvseError
 from avse.io import atomic_path
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+# COCO's 5K test also reports ECCV Caption and CxC (`avse/evaluation/eccv.py`); columns shown where a run has them.
+COCO_TEST_METRICS = ("eccv_i2t_map_at_r", "eccv_t2i_map_at_r", "eccv_i2t_rprecision", "eccv_t2i_rprecision", "eccv_i2t_r1", "eccv_t2i_r1",
+                     "cxc_i2t_r1", "cxc_t2i_r1")
+ALL_METRICS = (*METRICS, *COCO_TEST_METRICS)
 # Evaluation protocols in order of preference when a run has several (COCO has two).
 PROTOCOLS = ("1k", "5fold1k", "5k")
 COLUMNS = ["run_id", "run_name", "start_time", "status", "dataset", "backbone", "resolution", "views", "block_dim", "matching",
-           "epochs", "seed", "protocol", *METRICS, "train_seconds", "pairs_per_s", "dvc_experiment", "experiment", "differs"]
+           "epochs", "seed", "protocol", *ALL_METRICS, "train_seconds", "pairs_per_s", "dvc_experiment", "experiment", "differs"]
 SETTING_COLUMNS = ["experiment", "differs", "dataset", "backbone", "resolution", "views", "block_dim", "matching", "epochs", "protocol"]
-SUMMARY_COLUMNS = [*SETTING_COLUMNS, "n", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "sd")), "pairs_per_s"]
+SUMMARY_COLUMNS = [*SETTING_COLUMNS, "n", "seeds", *(f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "sd")), "pairs_per_s"]
 SEED = "train.seed"
 # Parameters that do not make two runs different experiments: the seed (what repeats vary), how a run
 # is observed, and where it is tracked.
@@ -69,6 +73,8 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
             "dvc_experiment": run.get("tags.dvc_experiment") or None,
         }
         row.update({name: run.get(f"{prefix}{name}") if prefix else None for name in METRICS})
+        split_prefix = prefix.removesuffix(f"{protocol}_") if prefix else None  # e.g. "metrics.testall_"
+        row.update({name: run.get(f"{split_prefix}{name}") if prefix else None for name in COCO_TEST_METRICS})
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
     settings = experiment_settings(runs)
@@ -104,7 +110,7 @@ def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
         row = runs.iloc[0][SETTING_COLUMNS].to_dict()
         row["n"] = len(evaluated)
         row["seeds"] = ",".join(str(int(s)) for s in sorted(evaluated["seed"].dropna()))
-        for metric in METRICS:
+        for metric in ALL_METRICS:
             values = evaluated[metric].astype(float)
             row[f"{metric}_mean"], row[f"{metric}_sd"] = values.mean(), values.std(ddof=1)
         row["pairs_per_s"] = evaluated["pairs_per_s"].astype(float).mean()
@@ -147,9 +153,10 @@ def write_comparison(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 def summary_for_reading(summary: pd.DataFrame) -> pd.DataFrame:
-    """A :func:`seed_summary` with each metric as `mean ± sd` (one decimal; the mean alone for one run)."""
+    """A :func:`seed_summary` with each metric as `mean ± sd` (one decimal; the mean alone for one run); ECCV Caption
+    and CxC where some experiment has them."""
     shown = summary[[*SETTING_COLUMNS, "n", "seeds"]].copy()
-    for metric in METRICS:
+    for metric in (*METRICS, *(m for m in COCO_TEST_METRICS if summary[f"{m}_mean"].notna().any())):
         shown[metric] = [_mean_sd(m, s) for m, s in zip(summary[f"{metric}_mean"], summary[f"{metric}_sd"])]
     shown["pairs_per_s"] = summary["pairs_per_s"].round(0)
     return shown

@@ -38,7 +38,8 @@ from avse.data.prepare import prepared_dir
 from avse.data.synthetic import RELATIONS
 from avse.errors import AvseError
 from avse.evaluation.diagnostics import choice_diagnostics, chosen_blocks, distinct_per_caption, view_cosines
-from avse.evaluation.evaluate import Embeddings
+from avse.evaluation import eccv
+from avse.evaluation.evaluate import Embeddings, coco_test_alignment, score
 from avse.evaluation.recall import RECALL_KS
 from avse.model.avse import AVSE
 from avse.model.similarity import meta_similarity
@@ -385,4 +386,45 @@ def view_mask_figure(image: np.ndarray, masks: np.ndarray) -> Figure:
         _show_image(ax, image, f"view {view}: {int(mask.sum())} of {mask.size} patches")
         # The same pixel-centred extent as the image, so each patch lies over its pixels.
         ax.imshow(shade, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+    return figure
+
+
+def coco_verified_misses(project: Path, config: Config) -> pd.DataFrame:
+    """COCO's 5K test (`testall`): every miss of a query that ECCV Caption or CxC covers and which of them verified its
+    top item (`eccv.verified_misses`), with split positions: `query_index` and `top_index` (an image's position for
+    images, a caption's index for captions)."""
+    split = load_split(project, config)
+    annotations, alignment = coco_test_alignment(split, config.eval.pm_gt_dir)
+    i2t, t2i = eccv.retrieved_items(score(load_embeddings(project, config), config.eval.chunk_size), alignment, 1, 1)
+    misses = eccv.verified_misses(i2t, t2i, annotations)
+    images = {int(image): position for position, image in enumerate(alignment.image_ids)}
+    captions = {int(caption): index for index, caption in enumerate(alignment.caption_ids)}
+    image_query = misses["direction"] == "i2t"
+    misses["query_index"] = [(images if by_image else captions)[q] for by_image, q in zip(image_query, misses["query"])]
+    misses["top_index"] = [(captions if by_image else images)[t] for by_image, t in zip(image_query, misses["top"])]
+    return misses
+
+
+def verified_miss_figure(misses: pd.DataFrame, images: SplitImages) -> Figure:
+    """One row per miss of :func:`coco_verified_misses`: the query (a caption over its COCO image, or an image with its
+    captions) beside what was retrieved first, and who verified that as a positive."""
+    split = images.split
+    figure = Figure(figsize=(9, 2.0 * len(misses)), layout="constrained")
+    for subfigure, miss in zip(figure.subfigures(len(misses), 1, squeeze=False)[:, 0], misses.itertuples()):
+        verdict = f"verified by {miss.verified_by}" if miss.verified_by else "a true miss"
+        if miss.direction == "t2i":
+            own = split.caption_image[miss.query_index]
+            subfigure.suptitle(f'"{split.captions[miss.query_index]}"', fontsize=9)
+            own_ax, top_ax, spare_ax = subfigure.subplots(1, 3, width_ratios=[1, 1, 3])
+            _show_image(own_ax, images[split.image_ids[own]], "COCO's image", frame="black")
+            _show_image(top_ax, images[split.image_ids[miss.top_index]], f"retrieved first: {verdict}",
+                        frame=HIT_COLOUR if miss.verified_by else None)
+            spare_ax.axis("off")
+        else:
+            image_ax, text_ax = subfigure.subplots(1, 2, width_ratios=[1, 5])
+            _show_image(image_ax, images[split.image_ids[miss.query_index]], "query", frame="black")
+            lines = ["its captions:", *(f"    {caption}" for caption in captions_of(split, miss.query_index)),
+                     f"retrieved first ({verdict}):", f"    {split.captions[miss.top_index]}"]
+            text_ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)
+            text_ax.axis("off")
     return figure

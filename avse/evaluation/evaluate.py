@@ -13,10 +13,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from avse.data.dataset import PreparedSplit
 from avse.errors import DataError
+from avse.evaluation import eccv
 from avse.evaluation.recall import coco_5fold_1k, recall_at_k_curve, recall_metrics, recall_ranks
 from avse.model.similarity import block_similarity
 from avse.checkpoint import load_checkpoint
@@ -122,11 +125,36 @@ def write_per_query(sims: Tensor, captions: list[str], image_ids: Tensor, image_
             writer.writerow([i, int(image_ids[i]), image_paths[i], int(i2t_ranks[i])] + tops)
 
 
+def coco_test_alignment(split: PreparedSplit, pm_gt_dir: str) -> tuple[eccv.CocoTestAnnotations, eccv.Alignment]:
+    """The ground truths of COCO's 5K test and the COCO ids of `split`'s captions and images, or a `DataError`
+    naming the first caption that does not follow their order."""
+    annotations = eccv.CocoTestAnnotations(Path(pm_gt_dir) if pm_gt_dir else None)
+    image_ids = np.asarray(eccv.coco_image_ids(split.image_ids, split.image_paths), dtype=np.int64)
+    caption_ids = annotations.align(image_ids[split.caption_image].tolist())
+    return annotations, eccv.Alignment(caption_ids, image_ids)
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table of R@K, rsum and ranks, one row per protocol."""
+    """A fixed-width table of R@K, rsum and ranks, one row per R@K protocol."""
     columns = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
     header = f"{'protocol':<9}" + "".join(f"{c:>9}" for c in columns)
     lines = [header, "-" * len(header)]
     for protocol, metrics in results.items():
-        lines.append(f"{protocol:<9}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+        if "rsum" in metrics:
+            lines.append(f"{protocol:<9}" + "".join(f"{metrics[c]:>9.1f}" for c in columns))
+    return "\n".join(lines)
+
+
+def format_coco_test_table(results: dict[str, dict[str, float]]) -> str:
+    """ECCV Caption, CxC and PMRP (or a note on how to get it), and the verified share of the misses, both directions."""
+    rows = [("ECCV Caption", "eccv", ("map_at_r", "rprecision", "r1")), ("CxC", "cxc", ("r1", "r5", "r10")),
+            ("PMRP", "pmrp", ("pmrp",)), ("misses verified", "verified_misses", ("",))]
+    lines = [f"{'':<16}{'metric':>11}{'i2t':>9}{'t2i':>9}", "-" * 45]
+    for label, protocol, names in rows:
+        if protocol not in results:
+            lines.append(f"{label:<16}not computed: set eval.pm_gt_dir to the folder of eccv-caption's pm_*.json files")
+            continue
+        for name in names:
+            values = [results[protocol][f"{direction}_{name}" if name else direction] for direction in ("i2t", "t2i")]
+            lines.append(f"{label:<16}{name or 'share %':>11}" + "".join(f"{v:>9.1f}" for v in values))
     return "\n".join(lines)
