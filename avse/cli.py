@@ -29,11 +29,10 @@ def _cmd_stage(stage: Callable[[Config], None]) -> Callable[[argparse.Namespace]
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    import subprocess
-
     from avse import pipeline
     from avse.data.dataset import check_image_cache
     from avse.data.prepare import prepared_dir
+    from avse.launch.signals import run_passing_stop_signals
     from avse.training.distributed import under_torchrun
     from avse.training.preflight import check_training_setup
 
@@ -51,7 +50,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "avse.cli", "train", "--params", args.params]
         command += [f"--set={override}" for override in args.overrides]
-        returncode = subprocess.run(command).returncode
+        returncode, stopped_by = run_passing_stop_signals(command)
+        if stopped_by:
+            sys.exit(2)  # the first process said where it stopped and how to resume
         if returncode:
             raise AvseError(f"training under torchrun failed (exit status {returncode}); see the messages above")
         return
@@ -308,8 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_guarded(work: Callable[[], None]) -> int:
     """Run `work`; a user error prints one message (no traceback) and exits with status 2."""
+    from avse.launch.signals import LAUNCHED_BY_AVSE_TRAIN, StoppedBySignal
+
     try:
         work()
+    except StoppedBySignal as err:
+        if os.environ.get("RANK", "0") == "0":  # every process stops alike: one says so
+            print(f"error: {err}", file=sys.stderr)
+        return 0 if os.environ.get(LAUNCHED_BY_AVSE_TRAIN) else 2  # under `avse train`, it gives the status
     except AvseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -57,9 +57,11 @@ def prepare(config: Config) -> None:
 
 def train(config: Config) -> None:
     """Train with `train.nproc_per_node` processes; writes `models/` and `metrics/train.json`."""
+    from avse.launch.signals import StopSignals
     from avse.training.loop import train as train_loop
 
-    train_loop(config, MODELS)
+    with StopSignals() as signals:
+        train_loop(config, MODELS, signals)
 
 
 def embed(config: Config) -> None:

@@ -140,6 +140,10 @@ class Tracker:
         if self.active and self.run_id is not None:
             self._guard("log the datasets", lambda: self._client.log_inputs(self.run_id, datasets=[dataset_input(i) for i in inputs]))
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active and self.run_id is not None:
+            self._guard("tag the run", lambda: [self._client.set_tag(self.run_id, key, value) for key, value in tags.items()])
+
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.active and self.run_id is not None:
             self._guard(f"log artifact {path}", lambda: self._client.log_artifact(self.run_id, str(path), folder))

@@ -35,7 +35,7 @@ def main(out_path: str, loss: str) -> None:
     local = slice(ctx.rank * b, (ctx.rank + 1) * b)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)
-    objective = forward_backward(ddp, model, tuple(t[local] for t in (images, input_ids, attention_mask, groups)),
+    objective, _ = forward_backward(ddp, model, tuple(t[local] for t in (images, input_ids, attention_mask, groups)),
                                     ctx, config, epoch=5, dtype=torch.float32, scaler=scaler)
     if ctx.is_main:
         grads = {name: p.grad.cpu() for name, p in model.named_parameters() if p.grad is not None}

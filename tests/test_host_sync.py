@@ -67,6 +67,7 @@ def optimizer_step_counters(optimizer: torch.optim.Optimizer) -> list[torch.Tens
     {"train": {"precision": "fp16"}, "model": {"views": 1, "size_augment": False}},
 ], ids=["infonce", "hinge-sinkhorn-accumulated", "fp16-scaler"])
 def test_a_training_step_reads_one_value_back_per_optimiser_step(options):
+    """The verdict (gradients finite? a stop requested?) is read once, as one list."""
     tree = {"data": {"img_res": 32}, "model": {"vision": {"name": "vit-tiny"}, "embed_size": 32, "block_dim": 16},
             "train": {"batch_size": 6}}
     for section, values in options.items():
@@ -89,13 +90,13 @@ def test_a_training_step_reads_one_value_back_per_optimiser_step(options):
         with host_reads_forbidden("optimizer_step", lambda: optimizer_step_counters(optimizer)) as allowed:
             objective = None
             for _ in range(config.train.grad_accum):
-                loss = forward_backward(model, model, batch, ctx, config, epoch=1, dtype=dtype, scaler=scaler,
-                                        loss_scale=1 / config.train.grad_accum)
+                loss, stop_requests = forward_backward(model, model, batch, ctx, config, epoch=1, dtype=dtype, scaler=scaler,
+                                                       loss_scale=1 / config.train.grad_accum, stop=step == 1)
                 objective = loss if objective is None else objective + loss
-            applied = optimizer_step(model, optimizer, scaler, config.train.grad_clip, objective)
-        assert allowed == ["__bool__"], f"step {step}"
-        assert torch.isfinite(objective)
-        assert applied or scaler.is_enabled()  # fp16's first scale may overflow the gradients: the scaler skips and lowers it
+            verdict = optimizer_step(model, optimizer, scaler, config.train.grad_clip, objective, stop_requests)
+        assert allowed == ["tolist"], f"step {step}"
+        assert torch.isfinite(objective) and verdict.stop == (step == 1)
+        assert verdict.applied or scaler.is_enabled()  # fp16's first scale may overflow the gradients: the scaler skips and lowers it
 
 
 def test_the_guard_catches_the_reads_a_step_used_to_make():

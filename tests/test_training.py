@@ -84,10 +84,10 @@ def test_steps_the_fp16_scaler_skips_are_reported_as_not_applied():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     before = model.weight.detach().clone()
     scaler.scale(model(torch.tensor([[float("inf"), 1.0]])).sum()).backward()
-    assert not optimizer_step(model, optimizer, scaler, grad_clip=2.0)
+    assert not optimizer_step(model, optimizer, scaler, grad_clip=2.0).applied
     assert torch.equal(model.weight, before) and scaler.get_scale() == 512.0
     scaler.scale(model(torch.tensor([[1.0, 1.0]])).sum()).backward()
-    assert optimizer_step(model, optimizer, scaler, grad_clip=2.0)
+    assert optimizer_step(model, optimizer, scaler, grad_clip=2.0).applied
     assert not torch.equal(model.weight, before) and scaler.get_scale() == 512.0
 
 
@@ -168,10 +168,10 @@ def test_non_finite_gradients_are_not_applied():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = model.weight.detach().clone()
     model(torch.tensor([[float("inf"), 1.0]])).sum().backward()
-    assert not optimizer_step(model, optimizer, scaler, grad_clip=2.0)
+    assert not optimizer_step(model, optimizer, scaler, grad_clip=2.0).applied
     assert torch.equal(model.weight, before) and model.weight.grad is None
     model(torch.tensor([[1.0, 1.0]])).sum().backward()
-    assert optimizer_step(model, optimizer, scaler, grad_clip=0.0)
+    assert optimizer_step(model, optimizer, scaler, grad_clip=0.0).applied
     assert not torch.equal(model.weight, before)
 
 

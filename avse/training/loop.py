@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from avse.compute import resolve_precision, retain_freed_memory
 from avse.config import Config
 from avse.io import write_json
+from avse.launch.signals import StopSignals, StoppedBySignal
 from avse.model.avse import AVSE, build_model
 from avse.progress import progress
 from avse.run_info import run_name
@@ -39,7 +40,10 @@ TRAIN_METRICS = Path("metrics/train.json")  # what the run computed: the same bi
 SPEED_METRICS = Path("metrics/train_speed.json")  # how fast it went: differs from run to run
 
 
-def train(config: Config, out_dir: Path) -> TrainState:
+def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> TrainState:
+    """Train; a stop signal received through `signals` (entered by the caller) ends the run at the next optimiser step
+    with `last.pt` written, and `StoppedBySignal` raised."""
+    signals = signals or StopSignals()
     retain_freed_memory()
     ctx = init_distributed(timedelta(minutes=config.train.dist_timeout_minutes))
     dtype = resolve_precision(config.train.precision, ctx.device)
@@ -84,6 +88,7 @@ def train(config: Config, out_dir: Path) -> TrainState:
             unread_losses.clear()
 
     pairs_per_step = data.sampler.global_batch * train_cfg.grad_accum
+    stopping = False
     model.train()
     try:
         while state.step < data.total_steps:
@@ -97,7 +102,8 @@ def train(config: Config, out_dir: Path) -> TrainState:
                     group["lr"] = base * lr_factor(state.step, data.steps_per_epoch, data.total_steps, train_cfg)
                 sync = (state.batch_in_epoch + 1) % train_cfg.grad_accum == 0
                 with ddp_model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext():
-                    objective = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler, 1 / train_cfg.grad_accum)
+                    objective, stop_requests = forward_backward(ddp_model, model, batch, ctx, config, state.epoch, dtype, scaler,
+                                                                1 / train_cfg.grad_accum, stop=signals.requested)
                 state.batch_in_epoch += 1
                 unread_losses.append(objective)
                 window_objective = objective if window_objective is None else window_objective + objective
@@ -105,7 +111,8 @@ def train(config: Config, out_dir: Path) -> TrainState:
                     wait_start = time.perf_counter()
                     continue
 
-                if optimizer_step(model, optimizer, scaler, train_cfg.grad_clip, window_objective):
+                verdict = optimizer_step(model, optimizer, scaler, train_cfg.grad_clip, window_objective, stop_requests)
+                if verdict.applied:
                     state.bad_in_a_row = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)
@@ -134,10 +141,13 @@ def train(config: Config, out_dir: Path) -> TrainState:
                 if train_cfg.ckpt_every_steps and state.step % train_cfg.ckpt_every_steps == 0:
                     read_losses()
                     checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve)
-                if state.step >= data.total_steps:
+                stopping = verdict.stop  # every process stops at this step: they read the same all-reduced requests
+                if stopping or state.step >= data.total_steps:
                     break
                 wait_start = time.perf_counter()
 
+            if stopping:
+                break
             if state.batch_in_epoch >= data.sampler.batches_per_epoch:  # the epoch is complete
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 evaluate_and_select(state, model, data, config, ctx, dtype, record, curve, checkpoints)
@@ -149,6 +159,17 @@ def train(config: Config, out_dir: Path) -> TrainState:
         raise
     finally:
         bar.close()
+
+    if stopping:  # a checkpoint at this step boundary; the same command resumes from it
+        read_losses()
+        checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve)
+        record.tracker.set_tags({"avse.stopped": f"at step {state.step} by a stop signal; rerun to resume"})
+        record.tracker.finish("KILLED")
+        del ddp_model
+        shutdown(ctx)
+        by = signals.received.name if signals.received else "a stop signal to another process"
+        raise StoppedBySignal(f"stopped by {by} at step {state.step} of {data.total_steps}, saved in {checkpoints.last}; "
+                              "rerun the same command (or dvc repro) to resume")
 
     # The end
     read_losses()

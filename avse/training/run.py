@@ -23,6 +23,7 @@ from avse.data.dataset import PairDataset, PreparedSplit
 from avse.data.prepare import caption_length_report, prepared_dir
 from avse.data.tokenizer import CaptionTokenizer, tokenizer_for
 from avse.io import atomic_path, write_json
+from avse.launch.signals import ignore_stop_signals
 from avse.model.avse import AVSE
 from avse.run_info import run_name, run_tags, split_inputs
 from avse.tracking import Tracker
@@ -87,7 +88,7 @@ class TrainingData:
         loader = DataLoader(
             dataset, batch_size=train.batch_size, sampler=sampler, collate_fn=Collate(tokenize),
             num_workers=config.data.num_workers, pin_memory=ctx.device.type == "cuda",
-            persistent_workers=config.data.num_workers > 0, drop_last=True,
+            persistent_workers=config.data.num_workers > 0, drop_last=True, worker_init_fn=ignore_stop_signals,
         )
         steps_per_epoch = sampler.batches_per_epoch // train.grad_accum
         total_steps = train.epochs * steps_per_epoch

@@ -1,0 +1,1 @@
+"""How a run gets its processes and machines, and how it stops: stop signals."""

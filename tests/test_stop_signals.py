@@ -1,0 +1,99 @@
+"""A stop signal becomes a checkpoint: SIGTERM mid-epoch stops every process at the same step with `last.pt` written,
+and rerunning the same command resumes to the bits of a run never interrupted, in the same MLflow run."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, command_env, mlflow_client, run
+
+HOOK = REPO / "tests" / "stop_hook"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+# The embedded data, small: 8 optimiser steps of an epoch of 25 (12 on two processes); the signal comes after step 2.
+SETTINGS = ["data.synthetic.train_images=40", "data.synthetic.dev_images=10", "data.synthetic.test_images=10",
+            "data.synthetic.image_size=32", "data.img_res=32", "data.cache_res=32", "data.num_workers=0", "data.vocab_size=100",
+            "model.vision.name=vit-tiny", "model.embed_size=32", "model.block_dim=16", "train.batch_size=8", "train.epochs=1",
+            "train.max_steps=8", "train.log_every=1"]
+MARK_STEP = 2
+
+
+def avse(stage: str, project: Path, *settings: str) -> list[str]:
+    return [sys.executable, "-m", "avse.cli", stage, *(f"-S{s}" for s in [*SETTINGS, *settings])]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stop")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for stage in ("synthesize", "prepare"):
+        run(avse(stage, root), cwd=root)
+    return root
+
+
+def trained_state(models: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(models / "last.pt", weights_only=True)
+    return checkpoint["model"] | {f"optimizer.{k}": v for k, v in checkpoint["optimizer"]["state"][0].items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared) -> dict[int, dict[str, torch.Tensor]]:
+    """The bits of runs never interrupted, by process count, trained once each."""
+    states = {}
+    for processes in (1, 2):
+        run(avse("train", prepared, f"train.nproc_per_node={processes}", "tracking.enabled=false"), cwd=prepared, timeout=600)
+        states[processes] = trained_state(prepared / "models")
+        shutil.rmtree(prepared / "models")
+    return states
+
+
+def stop_mid_epoch(command: list[str], cwd: Path, marker: Path) -> subprocess.CompletedProcess:
+    """Start `command`, send it SIGTERM once the first process has done optimiser step MARK_STEP, and wait for it."""
+    env = command_env(cwd, {"AVSE_TEST_MARK_STEP": str(MARK_STEP), "AVSE_TEST_MARKER": str(marker)})
+    env["PYTHONPATH"] = f"{HOOK}:{env['PYTHONPATH']}"
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("launcher", ["avse train, 1 process", "avse train, 2 processes", "torchrun, 2 processes"])
+def test_sigterm_mid_epoch_checkpoints_and_the_rerun_ends_with_the_bits_of_an_uninterrupted_run(launcher, prepared, uninterrupted, tmp_path):
+    processes = 1 if "1 process" in launcher else 2
+    project = tmp_path / "project"
+    shutil.copytree(prepared, project, symlinks=True)
+    command = avse("train", project, f"train.nproc_per_node={processes}")
+    if launcher.startswith("torchrun"):
+        command = [*TORCHRUN, f"--nproc_per_node={processes}", "-m", "avse.cli", *command[3:]]
+
+    stopped = stop_mid_epoch(command, project, tmp_path / "marker")
+    assert stopped.returncode != 0, stopped.stderr
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    # An external torchrun reports the signal it got with a traceback of its own; the training processes add none.
+    tracebacks = stopped.stderr.count("Traceback")
+    assert len(errors) == 1 and tracebacks == (stopped.stderr.count("SignalException: Process") if launcher.startswith("torchrun") else 0), stopped.stderr
+    step = int(errors[0].split(" at step ")[1].split()[0])
+    assert MARK_STEP < step < 8, errors  # mid-epoch
+    assert errors[0] == (f"error: stopped by SIGTERM at step {step} of 8, saved in models/last.pt; "
+                         "rerun the same command (or dvc repro) to resume")
+    checkpoint = torch.load(project / "models" / "last.pt", weights_only=True)
+    assert checkpoint["state"]["step"] == step
+    client = mlflow_client(project)
+    stopped_run = client.get_run(checkpoint["run_id"])
+    assert stopped_run.info.status == "KILLED" and stopped_run.data.tags["avse.stopped"].startswith(f"at step {step} ")
+
+    resumed = run(command, cwd=project, timeout=600)
+    assert f"resuming from models/last.pt at step {step}" in resumed.stderr
+    final = trained_state(project / "models")
+    expected = uninterrupted[processes]
+    assert final.keys() == expected.keys()
+    assert [name for name in final if not torch.equal(final[name], expected[name])] == []
+    assert client.get_run(checkpoint["run_id"]).info.status == "FINISHED"  # the same MLflow run, finished
