@@ -1,4 +1,4 @@
-"""How tensors are computed on this machine: numeric precision, mixed-precision contexts, the host allocator."""
+"""How tensors are computed on this machine: numeric precision, mixed-precision contexts, threads, the host allocator."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -66,6 +67,19 @@ def recompute_as_forward() -> tuple[contextlib.AbstractContextManager, contextli
                 SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
                 SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled}
     return contextlib.nullcontext(), sdpa_kernel([backend for backend, enabled in backends.items() if enabled()])
+
+
+def set_threads(requested: int) -> int:
+    """Set this process's CPU threads (`train.threads`) and return how many: `requested`, or for 0 the cores this
+    process may run on divided by the processes on its node (torchrun's `LOCAL_WORLD_SIZE`).
+
+    Set here rather than left to the launcher: torchrun sets one thread only for several processes a node, so two
+    single-process nodes on one machine would each take every core, and the thread count changes the rounding.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = requested or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def retain_freed_memory() -> bool:

@@ -162,6 +162,6 @@ def test_each_row_trains_on_its_own_process_count(name, small_data, tmp_path):
     result = run([sys.executable, "-m", "avse.cli", "train", "--params", str(PARAMS), *(f"-S{o}" for o in scaled_down(name))],
                  cwd=tmp_path, timeout=300)
     processes = EXPERIMENTS[name].processes
-    assert f"{processes} process(es), 3 steps of global batch {4 * processes}" in result.stderr
+    assert re.search(rf"{processes} process\(es\) of \d+ thread\(s\), 3 steps of global batch {4 * processes}", result.stderr)
     assert "training done: 3 steps" in result.stderr
     assert (tmp_path / "models" / "best.pt").exists()

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from avse.compute import resolve_precision, retain_freed_memory
+from avse.compute import resolve_precision, retain_freed_memory, set_threads
 from avse.config import Config
 from avse.model import backbones
 from avse.model.avse import build_model
@@ -43,6 +43,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def dry_run(config: Config, steps: int) -> dict[str, float]:
     retain_freed_memory()  # as the train stage does
     ctx: DistContext = init_distributed()
+    set_threads(config.train.threads)  # as the train stage does
     dtype = resolve_precision(config.train.precision, ctx.device)
     set_deterministic(config.train.deterministic, ctx.device)  # timed as training runs
     vocab_size = config.data.vocab_size

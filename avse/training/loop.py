@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from avse.compute import resolve_precision, retain_freed_memory
+from avse.compute import resolve_precision, retain_freed_memory, set_threads
 from avse.config import Config
 from avse.io import write_json
 from avse.launch.signals import StopSignals, StoppedBySignal
@@ -46,6 +46,7 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
     signals = signals or StopSignals()
     retain_freed_memory()
     ctx = init_distributed(timedelta(minutes=config.train.dist_timeout_minutes))
+    threads = set_threads(config.train.threads)
     dtype = resolve_precision(config.train.precision, ctx.device)
     train_cfg = config.train
     data = TrainingData.load(config, ctx)
@@ -69,8 +70,9 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
     if ctx.is_main:
         save_tokenizer(data.tokenize, out_dir)
         record.write()
-        log.info("model: %.2fM parameters, %s precision, %d process(es), %d steps of global batch %d",
-                 sum(p.numel() for p in model.parameters()) / 1e6, str(dtype).removeprefix("torch."), ctx.world_size,
+        record.tracker.set_tags({"threads": str(threads)})
+        log.info("model: %.2fM parameters, %s precision, %d process(es) of %d thread(s), %d steps of global batch %d",
+                 sum(p.numel() for p in model.parameters()) / 1e6, str(dtype).removeprefix("torch."), ctx.world_size, threads,
                  data.total_steps, data.sampler.global_batch)
 
     # Steps

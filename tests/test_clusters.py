@@ -1,5 +1,5 @@
-"""A stop signal becomes a checkpoint: SIGTERM mid-epoch stops every process at the same step with `last.pt` written,
-and rerunning the same command resumes to the bits of a run never interrupted, in the same MLflow run."""
+"""Runs as clusters run them: a stop signal mid-epoch becomes a checkpoint that the rerun resumes from to the bits of a
+run never interrupted (in the same MLflow run), and a run over two torchrun agents trains to the standalone run's bits."""
 
 import shutil
 import signal
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, command_env, mlflow_client, run
+from conftest import REPO, command_env, free_port, mlflow_client, run
 
 HOOK = REPO / "tests" / "stop_hook"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -97,3 +97,21 @@ def test_sigterm_mid_epoch_checkpoints_and_the_rerun_ends_with_the_bits_of_an_un
     assert final.keys() == expected.keys()
     assert [name for name in final if not torch.equal(final[name], expected[name])] == []
     assert client.get_run(checkpoint["run_id"]).info.status == "FINISHED"  # the same MLflow run, finished
+
+
+def test_two_torchrun_agents_with_c10d_rendezvous_train_to_the_bits_of_the_standalone_run(prepared, uninterrupted, tmp_path):
+    """The multi-node command of docs/clusters.md, as two nodes of one process each on this machine. Each node here has
+    every core of the machine: `train.threads=1` gives each process what the standalone run's got."""
+    project = tmp_path / "project"
+    shutil.copytree(prepared, project, symlinks=True)
+    port = free_port()
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+             f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=avse-two-nodes", "-m", "avse.cli",
+             *avse("train", project, "train.nproc_per_node=2", "train.threads=1", "tracking.enabled=false")[3:]]
+    env = command_env(project)
+    agents = [subprocess.Popen(agent, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in agents]
+    assert [process.returncode for process in agents] == [0, 0], outputs
+    assert any("2 process(es) of 1 thread(s), 8 steps of global batch 16" in stderr for _, stderr in outputs)
+    final, expected = trained_state(project / "models"), uninterrupted[2]
+    assert [name for name in final if not torch.equal(final[name], expected[name])] == []
