@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -29,6 +30,25 @@ def _cmd_stage(stage: Callable[[Config], None]) -> Callable[[argparse.Namespace]
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from avse.launch.leases import leased_visible_gpus
+    from avse.training.distributed import under_torchrun
+    from avse.training.preflight import check_training_setup
+
+    config = _config(args)
+    if args.dry_run:
+        from avse.training.dry_run import dry_run
+
+        check_training_setup(config)
+        dry_run(config, args.steps)
+        return
+    # The GPUs are leased once, by the command a user or a queue started: torchrun's processes inherit them.
+    leasing = config.train.gpus == "auto" and not under_torchrun()
+    with leased_visible_gpus(config.train.nproc_per_node) if leasing else contextlib.nullcontext():
+        _train(args, config)
+
+
+def _train(args: argparse.Namespace, config: Config) -> None:
+    """`avse train` with its GPUs chosen: the checks, then the run, under torchrun for several processes."""
     from avse import pipeline
     from avse.data.dataset import check_image_cache
     from avse.data.prepare import prepared_dir
@@ -36,13 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from avse.training.distributed import under_torchrun
     from avse.training.preflight import check_training_setup
 
-    config = _config(args)
     check_training_setup(config)
-    if args.dry_run:
-        from avse.training.dry_run import dry_run
-
-        dry_run(config, args.steps)
-        return
     check_image_cache(prepared_dir(config), ("train", "dev"), config.data.cache_res, config.data.img_res)
     nproc = config.train.nproc_per_node
     if nproc > 1 and not under_torchrun():

@@ -26,7 +26,7 @@ PARAMS_FILE = "params.yaml"
 # Settings that change how a run is observed or what memory it takes, not what it computes: runs that
 # differ only in these (and in `train.seed`) are repeats of one experiment.
 OBSERVATION_KEYS = frozenset({"train.log_every", "train.ckpt_every_steps", "train.max_bad_steps", "data.num_workers",
-                              "train.grad_checkpointing", "train.dist_timeout_minutes", "train.compile", "train.threads"})
+                              "train.grad_checkpointing", "train.dist_timeout_minutes", "train.compile", "train.threads", "train.gpus"})
 
 
 def _check(description: str, predicate):
@@ -136,6 +136,7 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata=NON_NEGATIVE)
     nproc_per_node: int = field(default=1, metadata=POSITIVE)
     threads: int = field(default=0, metadata=NON_NEGATIVE)  # 0: the cores available over the processes on the node
+    gpus: Literal["all", "auto"] = "all"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     loss: Literal["hinge", "infonce"] = "infonce"
     margin: float = field(default=0.2, metadata=NON_NEGATIVE_FLOAT)
