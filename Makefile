@@ -9,6 +9,8 @@ UI_STORE ?= sqlite:///mlflow.db
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
+# The PATH make was started with: the GPU check runs the machine's own Python and packages, not the venv's.
+MACHINE_PATH := $(PATH)
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install run test test-compat compare ui gpu-check clean
@@ -50,7 +52,7 @@ ui: install
 
 # On a GPU machine, with the packages it has (not the pinned CPU torch): see benchmarks/gpu_check.py.
 gpu-check:
-	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py
+	@env PATH="$(MACHINE_PATH)" PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf data/synthetic data/synthetic-images data/prepared models embeddings outputs

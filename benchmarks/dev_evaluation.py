@@ -35,6 +35,7 @@ from avse.experiments import FULL_SIZE_RANDOM, load_experiments  # noqa: E402
 from avse.model import backbones  # noqa: E402
 from avse.model.avse import build_model  # noqa: E402
 from avse.training.step import evaluate_split  # noqa: E402
+from gpu import synchronize  # noqa: E402 (beside this script, on the path as its folder)
 
 DEV_IMAGES = 1000
 CAPTION = "a young man in a blue shirt and black shorts is riding a bicycle down a busy street next to a woman"  # 21 words
@@ -57,8 +58,10 @@ def main() -> None:
         folder = Path(tmp)
         np.save(folder / "images.npy", np.random.default_rng(0).integers(0, 256, (n, res, res, 3), dtype=np.uint8))
         split = PreparedSplit("dev", [CAPTION] * 5 * n, np.repeat(np.arange(n), 5), np.arange(n), [""] * n, folder / "images.npy")
+        synchronize(device)  # kernels are queued asynchronously on a GPU: the clock is read once they are done
         start = time.perf_counter()
         evaluate_split(model, split, tokenize, config, device, dtype)
+        synchronize(device)
         encoded = time.perf_counter() - start
         photo = folder / "photo.jpg"  # Flickr30K's photos are about 500 x 375
         cv2.imwrite(str(photo), np.random.default_rng(1).integers(0, 256, (375, 500, 3), dtype=np.uint8))
@@ -69,9 +72,11 @@ def main() -> None:
 
     img = torch.randn(DEV_IMAGES, config.model.views * config.model.embed_size, device=device)
     cap = torch.randn(5 * DEV_IMAGES, config.model.embed_size, device=device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         model.similarity(img, cap, chunk_size=config.eval.chunk_size)
+    synchronize(device)
     scoring = time.perf_counter() - start
     scale = DEV_IMAGES / n
     total = encoded * scale + scoring + decode * DEV_IMAGES

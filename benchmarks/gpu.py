@@ -74,8 +74,8 @@ def release(device: torch.device) -> None:
 @contextlib.contextmanager
 def compilations() -> Iterator[dict]:
     """What torch.compile did inside the block: frames compiled, recompilations, and whether a frame fell back to
-    eager, which Dynamo does silently (one warning) for a frame past `torch._dynamo.config.recompile_limit` or one
-    it cannot trace. Read from Dynamo's compilation metrics, which keep its last 64 frame compilations."""
+    eager, which Dynamo does with no more than a logged warning for a frame past `torch._dynamo.config.recompile_limit`
+    or one it cannot trace. Read from Dynamo's compilation metrics, which keep its last 64 frame compilations."""
     clear_compilation_metrics()
     report: dict = {}
     yield report
@@ -83,9 +83,9 @@ def compilations() -> Iterator[dict]:
     frames = [m for m in get_compilation_metrics() if m.is_forward is not False and not m.is_runtime]
     compiled = [m for m in frames if m.has_guarded_code]
     failures = list(dict.fromkeys(" ".join((m.fail_reason or m.fail_type).split("Hint:")[0].split()) for m in frames if m.fail_type))
+    reasons = list(dict.fromkeys(" ".join(m.recompile_reason.splitlines()[0].split()) for m in frames if m.recompile_reason))
     report |= {"frames_compiled": len(compiled), "recompiles": sum(m.recompile_reason is not None for m in compiled),
-               "recompile_reasons": list(dict.fromkeys(" ".join(m.recompile_reason.splitlines()[0].split()) for m in frames if m.recompile_reason)),
-               "fell_back_to_eager": bool(failures), "fallback_reasons": failures}
+               "recompile_reasons": reasons, "fell_back_to_eager": bool(failures), "fallback_reasons": failures}
 
 
 @contextlib.contextmanager
@@ -118,8 +118,8 @@ def training(overrides: list[str], steps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        result = timed_steps(config, steps, device)
-        return result | {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+        return timed_steps(config, steps, device) | {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                                                     if device.type == "cuda" else None}
     finally:
         release(device)
 
@@ -135,7 +135,7 @@ def timed_steps(config: Config, steps: int, device: torch.device) -> dict:
     batch = random_batch(config, config.data.vocab_size, device)
 
     def step() -> torch.Tensor:
-        objective = forward_backward(model, model, batch, ctx, config, epoch=1, dtype=dtype, scaler=scaler)
+        objective, _ = forward_backward(model, model, batch, ctx, config, epoch=1, dtype=dtype, scaler=scaler)
         optimizer_step(model, optimizer, scaler, config.train.grad_clip, objective)
         return objective
 
@@ -191,8 +191,9 @@ def main() -> None:
         tflops = result["flops"] / result["seconds"] / 1e12
         memory = f", peak memory {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
         syncs = f", {result['host_synchronizations']['count']} host synchronisations" if "host_synchronizations" in result else ""
+        mfu = mfu_text(tflops / peak if peak else None, name)
         print(f"train {label}: {result['pairs_per_s']:.1f} pairs/s in {result['dtype']}, {result['seconds'] * 1000:.0f} ms/step, "
-              f"{result['flops'] / 1e12:.3f} TFLOP/step, {tflops:.2f} TFLOP/s, MFU {mfu_text(tflops / peak if peak else None, name)}{memory}{syncs}")
+              f"{result['flops'] / 1e12:.3f} TFLOP/step, {tflops:.2f} TFLOP/s, MFU {mfu}{memory}{syncs}")
         for where in result.get("host_synchronizations", {}).get("first", []):
             print(f"  synchronisation at {where}")
     images, captions = (200, 1000) if args.tiny else COCO_5K

@@ -52,6 +52,8 @@ TINY_PIPELINE = ["data.synthetic.train_images=40", "data.synthetic.dev_images=10
                  "train.max_steps=3", "train.batch_size=8", "tracking.enabled=false", "model.embed_size=32", "model.block_dim=16",
                  "data.vocab_size=100"]
 FAST = ["train.deterministic=false", "train.compile=true"]
+# On two CPU cores inductor takes about a minute to build the fast row's bf16 kernels, under half that for fp32 ones.
+TINY_CPU_ROWS = ["train.precision=fp32"]
 
 
 def missing_packages() -> list[str]:
@@ -103,7 +105,8 @@ def processes(work: Path) -> dict:
     """tests/ddp_worker.py on one process and on two: the same objective and gradients on the same global batch.
 
     TF32 is off in both (`NVIDIA_TF32_OVERRIDE=0` switches it off in cuBLAS and cuDNN whatever torch's flags say):
-    with its 10-bit mantissa, sums in another order differ by about 1e-3, ten times the test suite's tolerance."""
+    a last-bit difference between the runs can round a matmul input to another TF32 value, 10 bits of mantissa, about
+    1e-3 apart, ten times the test suite's tolerance."""
     import torch
 
     worker = str(REPO / "tests" / "ddp_worker.py")
@@ -132,7 +135,7 @@ def rows(tiny: bool, steps: int, peak: float | None) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if tiny:
-        runs = TINY_RUNS
+        runs = {label: [*overrides, *(TINY_CPU_ROWS if device.type == "cpu" else [])] for label, overrides in TINY_RUNS.items()}
     else:
         runs, seen = {}, set()
         for experiment in load_experiments(REPO / "experiments.yaml").values():
@@ -158,6 +161,9 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=7.0, help="no section starts after this")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU (default: by device name)")
     args = parser.parse_args()
+    no_cuda = ("error: no CUDA device; python benchmarks/gpu_check.py --tiny runs the same sections small on this machine\n")
+    if not args.tiny and shutil.which("nvidia-smi") is None:  # before importing anything: a CPU machine is told at once
+        parser.exit(2, no_cuda)
     if missing := missing_packages():
         sys.exit(f"missing packages: {' '.join(missing)}. Without a package index, on a machine with one and the same Python "
                  f"version: `pip download -d wheels {' '.join(missing)}`; copy wheels/ here, then "
@@ -165,8 +171,7 @@ def main() -> None:
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
-        parser.exit(2, "error: no CUDA device (torch.cuda.is_available() is false); "
-                       "python benchmarks/gpu_check.py --tiny runs the same sections small on this machine\n")
+        parser.exit(2, no_cuda)
     from gpu import mfu_text, peak_tflops
 
     started = time.perf_counter()

@@ -24,6 +24,7 @@ def test_gpu_benchmark_reports_training_throughput_flops_and_scoring_time():
     out = run_benchmark("benchmarks/gpu.py", "--tiny", "--steps", "1")
     train = re.search(r"train vit-tiny 64, batch 16: ([\d.]+) pairs/s in b?float(?:16|32), \d+ ms/step, ([\d.]+) TFLOP/step", out)
     assert train and float(train.group(1)) > 0 and float(train.group(2)) > 0, out
+    assert "MFU n/a (unknown device cpu: --peak-tflops)" in out, out
     assert re.search(r"score 200 x 1000 .*: [\d.]+ s", out), out
 
 
@@ -40,15 +41,17 @@ def test_determinism_benchmark_reports_the_cost_of_deterministic_kernels():
 
 
 def test_gpu_check_runs_each_section_and_writes_its_summary(tmp_path):
-    """`make gpu-check` on any device, small: the pipeline, the retrained model's bits, one process against two, the rows."""
-    import json
-
+    """`make gpu-check` on any device, small: the pipeline, the retrained model's bits, one process against two, the rows,
+    the fast one compiled."""
     run_benchmark("benchmarks/gpu_check.py", "--tiny", "--steps", "1", "--out", str(tmp_path / "gpu_check.json"))
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["pipeline"]["train"]["steps"] == 3 and summary["pipeline"]["eval"]["1k"]["rsum"] > 0
     assert summary["repeatability"] == {"same_bits": True, "differing_tensors": []}
     assert summary["processes"].get("same", True) is True  # skipped on a machine with one GPU
     assert set(summary["rows"]) == {"vit-tiny 64, batch 16, default", "vit-tiny 64, batch 16, fast"}
+    fast = summary["rows"]["vit-tiny 64, batch 16, fast"]
+    assert fast["compilation"]["frames_compiled"] > 0 and fast["compilation"]["fell_back_to_eager"] is False, fast
+    assert all("peak_memory_gib" in row and "mfu" in row for row in summary["rows"].values())
 
 
 def test_seed_spread_trains_each_seed_apart_and_summarises_their_test_recall(tiny_pipeline, tmp_path):

@@ -133,7 +133,11 @@ def build_model(config: Config, vocab_size: int | None, vision_image_size: int |
     if config.train.grad_checkpointing:
         model.enable_activation_checkpointing()
     if config.train.compile:
-        for block in model.transformer_blocks():  # in place: parameter names and checkpoints stay as they are
+        blocks = model.transformer_blocks()
+        # Every block enters Dynamo through one function that transformers shares between its layers, and that
+        # function's compilations count against one limit (8 by default): past it, blocks run eagerly with one warning.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
+        for block in blocks:  # in place: parameter names and checkpoints stay as they are
             block.compile()
     return model
 
