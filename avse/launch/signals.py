@@ -68,9 +68,10 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """For loader workers (`worker_init_fn`): the process that owns them stops them; without this, Ctrl-C would end
-    each with a KeyboardInterrupt traceback."""
-    for signum in STOP_SIGNALS:
+    """For loader workers (`worker_init_fn`): the process that owns them stops them; without this, Ctrl-C (which
+    reaches the whole process group) would end each with a KeyboardInterrupt traceback. SIGTERM keeps its default:
+    it is how the owner ends its workers when it exits."""
+    for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
 
 
