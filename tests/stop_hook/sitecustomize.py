@@ -1,6 +1,6 @@
 """On PYTHONPATH in a stop-signal test: every Python process it starts loads this. In training processes (`avse train`,
 torchrun's workers), once optimiser step $AVSE_TEST_MARK_STEP is done, the first process writes $AVSE_TEST_MARKER and every
-later step takes a second longer, so that the test can send its signal from outside while training is mid-epoch."""
+later step takes half a second longer, so that the test can send its signal from outside while training is mid-epoch."""
 
 import importlib.abc
 import importlib.util
@@ -38,7 +38,7 @@ def _slowed(optimizer_step):
             with open(os.environ["AVSE_TEST_MARKER"], "w") as marker:
                 marker.write(str(steps))
         if steps >= MARK_STEP:
-            time.sleep(1.0)
+            time.sleep(0.5)
         return verdict
 
     return step
