@@ -89,6 +89,10 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
             state.add_losses(torch.stack(unread_losses).tolist(), train_cfg.log_every)
             unread_losses.clear()
 
+    def save_last(final: bool = False) -> None:
+        read_losses()  # the checkpoint holds the loss window, which a resumed run logs on from
+        checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve, final=final)
+
     pairs_per_step = data.sampler.global_batch * train_cfg.grad_accum
     stopping = False
     model.train()
@@ -141,8 +145,7 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
                     record.tracker.log_metrics(logged | {"data_wait_fraction": data_wait / elapsed}, state.step)
                     curve.add(state.step, state.epoch, **logged)
                 if train_cfg.ckpt_every_steps and state.step % train_cfg.ckpt_every_steps == 0:
-                    read_losses()
-                    checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve)
+                    save_last()
                 stopping = verdict.stop  # every process stops at this step: they read the same all-reduced requests
                 if stopping or state.step >= data.total_steps:
                     break
@@ -153,8 +156,7 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
             if state.batch_in_epoch >= data.sampler.batches_per_epoch:  # the epoch is complete
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 evaluate_and_select(state, model, data, config, ctx, dtype, record, curve, checkpoints)
-                read_losses()
-                checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve)
+                save_last()
                 last_tick = time.perf_counter()  # evaluation time is not training time
     except BaseException:
         record.tracker.finish("FAILED")
@@ -163,8 +165,7 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
         bar.close()
 
     if stopping:  # a checkpoint at this step boundary; the same command resumes from it
-        read_losses()
-        checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve)
+        save_last()
         record.tracker.set_tags({"avse.stopped": f"at step {state.step} by a stop signal; rerun to resume"})
         record.tracker.finish("KILLED")
         del ddp_model
@@ -174,10 +175,9 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
                               "rerun the same command (or dvc repro) to resume")
 
     # The end
-    read_losses()
     if state.evaluated_step != state.step:  # a run that stopped mid-epoch is evaluated where it stopped
         evaluate_and_select(state, model, data, config, ctx, dtype, record, curve, checkpoints)
-    checkpoints.save_last(state, model, optimizer, scaler, record.run_id, curve, final=True)
+    save_last(final=True)
     if ctx.is_main:
         summary = {
             "steps": state.step, "epochs": state.epoch, "best_dev_rsum": state.best_rsum, "best_epoch": state.best_epoch,
