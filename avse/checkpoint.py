@@ -52,8 +52,17 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a readable checkpoint (not a PyTorch archive: truncated, or the pre-1.6 format)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a PyTorch archive: truncated, or the pre-1.6 format)") from None
+    # torch.save stores its entries uncompressed, so they never declare more bytes than the file has; a
+    # compressed archive (a zip bomb) would unpack into memory before any check of its tensors.
+    size = path.stat().st_size
+    if unpacked > size:
+        raise CheckpointError(f"{path}: refused to load: its entries unpack to {unpacked} bytes from a file of {size} "
+                              f"(torch.save writes them uncompressed)")
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=not trusted)

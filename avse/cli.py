@@ -6,11 +6,13 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, get_args
 
-from avse.config import PARAMS_FILE, Config, load_config
+from avse.config import PARAMS_FILE, Config, SplitName, load_config
 from avse.errors import AvseError
+from avse.launch.signals import StopSignals
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +32,9 @@ def _cmd_stage(stage: Callable[[Config], None]) -> Callable[[argparse.Namespace]
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from avse.io import writer_lock
     from avse.launch.leases import leased_visible_gpus
+    from avse.pipeline import MODELS
     from avse.training.distributed import under_torchrun
     from avse.training.preflight import check_training_setup
 
@@ -38,21 +42,26 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.dry_run:
         from avse.training.dry_run import dry_run
 
+        _check_positive("--steps", args.steps)
         check_training_setup(config)
         dry_run(config, args.steps)
         return
-    # The GPUs are leased once, by the command a user or a queue started: torchrun's processes inherit them.
-    leasing = config.train.gpus == "auto" and not under_torchrun()
-    with leased_visible_gpus(config.train.nproc_per_node) if leasing else contextlib.nullcontext():
-        _train(args, config)
+    # The GPUs are leased once, by the command a user or a queue started: torchrun's processes inherit them. That command
+    # also holds the writer lock of models/ for them: a second run in the same project stops at once.
+    started_here = not under_torchrun()
+    leasing = config.train.gpus == "auto" and started_here
+    # Listening from the start: a stop signal that comes while the run starts (or waits for a GPU) stops it at its first step.
+    with (writer_lock(MODELS) if started_here else contextlib.nullcontext(), StopSignals() as signals,
+          leased_visible_gpus(config.train.nproc_per_node) if leasing else contextlib.nullcontext()):
+        _train(args, config, signals)
 
 
-def _train(args: argparse.Namespace, config: Config) -> None:
+def _train(args: argparse.Namespace, config: Config, signals: StopSignals) -> None:
     """`avse train` with its GPUs chosen: the checks, then the run, under torchrun for several processes."""
     from avse import pipeline
     from avse.data.dataset import check_image_cache
     from avse.data.prepare import prepared_dir
-    from avse.launch.signals import run_passing_stop_signals
+    from avse.launch.signals import StoppedBySignal, run_passing_stop_signals
     from avse.training.distributed import under_torchrun
     from avse.training.preflight import check_training_setup
 
@@ -60,6 +69,8 @@ def _train(args: argparse.Namespace, config: Config) -> None:
     check_image_cache(prepared_dir(config), ("train", "dev"), config.data.cache_res, config.data.img_res)
     nproc = config.train.nproc_per_node
     if nproc > 1 and not under_torchrun():
+        if signals.requested:
+            raise StoppedBySignal(f"stopped by {signals.received.name} before training started; rerun the same command to train")
         # Relaunch this same command under torchrun; multi-node runs call torchrun directly (see README).
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "avse.cli", "train", "--params", args.params]
@@ -70,7 +81,7 @@ def _train(args: argparse.Namespace, config: Config) -> None:
         if returncode:
             raise AvseError(f"training under torchrun failed (exit status {returncode}); see the messages above")
         return
-    pipeline.train(config)
+    pipeline.train(config, signals)
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
@@ -83,6 +94,11 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
     if (args.query is None) == (args.image is None):
         raise AvseError("search: give either a text query or --image PATH")
+    _check_positive("-k", args.k)
+    out = Path(args.out) if args.out else None
+    # matplotlib would write `<name>.png` beside a folder or a name without a suffix, not `<name>` itself.
+    if out and (out.suffix.lower() != ".png" or out.is_dir()):
+        raise AvseError(f"--out {out}: expected the name of a .png file to write")
     config = _config(args)
     split_name = args.split or config.embed.split
     split = PreparedSplit.load(prepared_dir(config), split_name)
@@ -101,13 +117,17 @@ def _cmd_search(args: argparse.Namespace) -> None:
         print(f"top {len(hits)} {split_name} captions for {args.image}:")
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank:>3}  {hit.score:8.4f}  {hit.text}")
-    if args.out:
-        out = Path(args.out)
+    if out:
         if args.query is not None:
             search.render_text_query(args.query, hits, out)
         else:
             search.render_image_query(args.image, hits, out)
         print(f"wrote {out}")
+
+
+def _check_positive(option: str, value: int) -> None:
+    if value < 1:
+        raise AvseError(f"{option}: {value} is not a positive integer")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -161,6 +181,12 @@ def _cmd_exp(args: argparse.Namespace) -> None:
             print(f"{e.name:<{width}}  {e.title}, {e.processes} process(es), evaluated on the {e.evaluation}")
         return
     for experiment in select(experiments, args.names):
+        if args.slurm:
+            from avse.launch.slurm import JOBS_DIR, submit
+
+            job = submit(experiment, args.overrides, args.params, args.gpus_per_node, args.sbatch)
+            print(f"{experiment.name}: Slurm job {job}, working copy {JOBS_DIR / experiment.name}, log {JOBS_DIR / experiment.name}.log", flush=True)
+            continue
         if args.show:
             print(f"# {experiment.name}: {experiment.title}")
             print("\n".join(experiment.overrides()))
@@ -243,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("query", nargs="?", help="a caption to search images with")
     sub.add_argument("--image", help="an image file to search captions with")
     sub.add_argument("-k", type=int, default=5, help="results to return (default: %(default)s)")
-    sub.add_argument("--split", help="embedded split to search (default: embed.split)")
-    sub.add_argument("--out", help="write the query and the results as one picture (PNG)")
+    sub.add_argument("--split", choices=get_args(SplitName), help="embedded split to search (default: embed.split)")
+    sub.add_argument("--out", help="write the query and the results as one picture (a .png file)")
     sub.add_argument("--model", help="search with an MLflow model instead of models/best.pt, e.g. models:/<name>@champion "
                                      "(embeds the split with it; the store is tracking.uri)")
     sub.set_defaults(run=_cmd_search)
@@ -285,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--evaluate", action="store_true", help="bring a finished experiment's results into the workspace "
                                                              "(`dvc exp apply`) and rerun what embed/evaluate lack")
     sub.add_argument("--print", dest="print_only", action="store_true", help="print the dvc commands without running them")
+    sub.add_argument("--slurm", action="store_true", help="submit each experiment as a Slurm batch job, in a working copy of its own "
+                                                          "that a requeue resumes in (see docs/clusters.md)")
+    sub.add_argument("--sbatch", default="", metavar="OPTIONS", help='more sbatch options for --slurm, e.g. "--partition=gpu --time=24:00:00"')
+    sub.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs a --slurm job asks for (default: the experiment's processes; "
+                                                                    "0 on a cluster without GPUs)")
     sub.set_defaults(run=_cmd_exp)
 
     sub = commands.add_parser("params", help="print the validated parameters, with overrides applied")
@@ -334,6 +365,14 @@ def run_guarded(work: Callable[[], None]) -> int:
     except AvseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a stage (stages make it an Interrupted error, training a checkpoint)
+        print("error: interrupted by SIGINT", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader of the output has gone (`avse params | head`): stop quietly, with the status a shell gives a
+        # tool that SIGPIPE ended. Python flushes stdout again at exit, so it writes to /dev/null from now on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return 0
 
 

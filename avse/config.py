@@ -12,8 +12,10 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +42,10 @@ POSITIVE_FLOAT = _check("a positive number", lambda v: v > 0)
 NON_NEGATIVE_FLOAT = _check("a non-negative number", lambda v: v >= 0)
 FRACTION = _check("a number in (0, 1]", lambda v: 0 < v <= 1)
 PROBABILITY = _check("a number in [0, 1)", lambda v: 0 <= v < 1)
+# Seeds are hashed as unsigned 64-bit words (avse/training/seeding.py derive_seed).
+SEED = _check("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)
+# The prepared splits; a name, never a path, since `embeddings/<split>/` is replaced when embedding.
+SplitName = Literal["train", "dev", "test", "testall"]
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = field(default=0, metadata=NON_NEGATIVE)
+    seed: int = field(default=0, metadata=SEED)
     deterministic: bool = True  # bitwise-repeatable kernels (avse/training/seeding.py)
     batch_size: int = field(default=128, metadata=POSITIVE)
     epochs: int = field(default=6, metadata=POSITIVE)
@@ -171,7 +177,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    split: str = "test"
+    split: SplitName = "test"
     batch_size: int = field(default=256, metadata=POSITIVE)
 
 
@@ -239,7 +245,7 @@ def read_yaml_mapping(path: str | Path, missing_hint: str) -> dict[str, Any]:
     """The mapping a YAML file holds (empty for an empty file); any other content stops with the file's name."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found ({missing_hint})") from None
     except yaml.YAMLError as err:
@@ -249,13 +255,37 @@ def read_yaml_mapping(path: str | Path, missing_hint: str) -> dict[str, Any]:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, except that a key written twice in one mapping is an error: PyYAML keeps the last
+    value silently (a second `train:` section replaces the first), where DVC refuses the file."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_nodes: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the safe loader refuses it below
+            first = first_nodes.setdefault(key, key_node)
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} appears twice (lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML `text` as `yaml.safe_load` reads it, with a key written twice in one mapping refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Set `a.b.c=value` in a nested dict, parsing the value as YAML (as `dvc exp run -S`)."""
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r}: expected key=value, e.g. train.batch_size=64")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         value = text
     *parents, leaf = key.strip().split(".")
@@ -335,15 +365,20 @@ def _scalar(hint: type, value: Any, key: str, metadata: typing.Mapping[str, Any]
             return value
         raise ConfigError(f"{key}: {value!r} is not {expected or 'an integer'}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not {expected or 'a number'}")
+        try:  # a string too: YAML 1.1 reads `1e-3` (no dot) as one
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        except OverflowError:  # an integer beyond the largest float
+            number = math.inf
+        if number is None:
+            raise ConfigError(f"{key}: {value!r} is not {expected or 'a number'}")
+        if not math.isfinite(number):  # `.inf`, `1e309` or `.nan` would only fail mid-run
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if hint is str:
+        if isinstance(value, str) and "\0" in value:  # no file name holds one
+            raise ConfigError(f"{key}: {value!r} contains a NUL byte")
         if isinstance(value, str) and (value or metadata.get("may_be_empty")):
             return value
         raise ConfigError(f"{key}: {value!r} is not a {'' if metadata.get('may_be_empty') else 'non-empty '}string")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 from avse.config import Config
-from avse.errors import AvseError, ConfigError
+from avse.errors import AvseError, ConfigError, Interrupted
+from avse.io import atomic_path, atomic_paths, json_text, writer_lock
+from avse.launch.signals import STOP_SIGNALS, StopSignals
 
 log = logging.getLogger("avse")
 
@@ -22,20 +28,41 @@ RECALL_PLOT = Path("metrics/recall_curve.png")
 EVAL_OUTPUTS = Path("outputs/eval")
 
 
+@contextlib.contextmanager
+def _writing(output: Path) -> Iterator[None]:
+    """A stage other than train at work on `output`: its one writer (`writer_lock`), which a stop signal ends with one
+    line, its temporaries removed on the way out (training turns a stop signal into a checkpoint instead)."""
+
+    def interrupt(signum: int, frame) -> None:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_DFL)  # a second signal ends the process at once
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; no output was left half-written")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS} if in_main_thread else {}
+    try:
+        with writer_lock(output):
+            yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def synthesize(config: Config) -> None:
     """Generate the embedded synthetic dataset in the caption-split layout."""
     from avse.data.synthetic import generate_dataset
 
     spec = config.data.synthetic
-    generate_dataset(
-        SYNTHETIC_CAPTIONS,
-        SYNTHETIC_IMAGES,
-        seed=spec.seed,
-        image_size=spec.image_size,
-        split_sizes={"train": spec.train_images, "dev": spec.dev_images, "test": spec.test_images},
-        min_objects=spec.min_objects,
-        max_objects=spec.max_objects,
-    )
+    with _writing(SYNTHETIC_CAPTIONS):
+        generate_dataset(
+            SYNTHETIC_CAPTIONS,
+            SYNTHETIC_IMAGES,
+            seed=spec.seed,
+            image_size=spec.image_size,
+            split_sizes={"train": spec.train_images, "dev": spec.dev_images, "test": spec.test_images},
+            min_objects=spec.min_objects,
+            max_objects=spec.max_objects,
+        )
     log.info("synthetic dataset written to %s and %s", SYNTHETIC_CAPTIONS, SYNTHETIC_IMAGES)
 
 
@@ -48,24 +75,29 @@ def prepare(config: Config) -> None:
     if config.model.text.init == "random":
         builder = partial(train_wordpiece, vocab_size=config.data.vocab_size)
     out = prepared_dir(config)
-    stats = prepare_dataset(config, out, tokenizer_builder=builder)
+    with _writing(out):
+        stats = prepare_dataset(config, out, tokenizer_builder=builder)
     for split, s in stats.items():
         if isinstance(s, dict):
             log.info("%-8s %6d images %7d captions, %.1f words per caption", split, s["images"], s["captions"], s["words_per_caption"]["mean"])
     log.info("prepared dataset written to %s", out)
 
 
-def train(config: Config) -> None:
-    """Train with `train.nproc_per_node` processes; writes `models/` and `metrics/train.json`."""
-    from avse.launch.signals import StopSignals
+def train(config: Config, signals: StopSignals) -> None:
+    """Train with `train.nproc_per_node` processes; writes `models/` and `metrics/train.json`. A stop signal that
+    `signals` (entered by the caller) received ends the run at the next step with a checkpoint."""
     from avse.training.loop import train as train_loop
 
-    with StopSignals() as signals:
-        train_loop(config, MODELS, signals)
+    train_loop(config, MODELS, signals)
 
 
 def embed(config: Config) -> None:
     """Encode every image and caption of `embed.split` once with `models/best.pt`; writes `embeddings/<split>/`."""
+    with _writing(EMBEDDINGS / config.embed.split):
+        _embed(config)
+
+
+def _embed(config: Config) -> None:
     import time
 
     import torch
@@ -74,7 +106,6 @@ def embed(config: Config) -> None:
     from avse.data.dataset import PreparedSplit, check_image_cache
     from avse.data.prepare import prepared_dir
     from avse.evaluation.embed import encode_captions, encode_images, load_trained
-    from avse.io import atomic_path
     from avse.checkpoint import save_tensors
 
     retain_freed_memory()
@@ -113,10 +144,14 @@ def embed(config: Config) -> None:
 
 def evaluate(config: Config) -> None:
     """Score every image-caption pair exactly; write metrics, plots and per-query results; report to MLflow."""
+    with _writing(EVAL_OUTPUTS):
+        _evaluate(config)
+
+
+def _evaluate(config: Config) -> None:
     from avse.data.dataset import PreparedSplit
     from avse.data.prepare import prepared_dir
     from avse.evaluation import eccv, evaluate as ev
-    from avse.io import write_json
     from avse.run_info import split_input
     from avse.tracking import Tracker
 
@@ -137,9 +172,11 @@ def evaluate(config: Config) -> None:
     results = {protocol: ev.protocol_metrics(sims, protocol) for protocol in protocols}
     if coco_test:
         results |= eccv.coco_test_metrics(sims, alignment, annotations)
-    write_json(EVAL_METRICS, {protocol: {k: round(v, 4) for k, v in metrics.items()} for protocol, metrics in results.items()})
-    ev.write_recall_curve(sims, RECALL_CURVE, RECALL_PLOT, f"{config.data.dataset} {split_name}: R@K")
-    ev.write_per_query(sims, split.captions, embeddings.image_ids, split.image_paths, EVAL_OUTPUTS)
+    # One set: the metrics, plots and per-query files of one evaluation, never some of an earlier one.
+    with atomic_paths(EVAL_METRICS, RECALL_CURVE, RECALL_PLOT, EVAL_OUTPUTS) as (metrics_file, curve_file, plot_file, outputs_dir):
+        metrics_file.write_text(json_text({protocol: {k: round(v, 4) for k, v in m.items()} for protocol, m in results.items()}))
+        ev.write_recall_curve(sims, curve_file, plot_file, f"{config.data.dataset} {split_name}: R@K")
+        ev.write_per_query(sims, split.captions, embeddings.image_ids, split.image_paths, outputs_dir)
 
     run = json.loads((MODELS / "run.json").read_text()) if (MODELS / "run.json").exists() else {}
     tracker = Tracker(config.tracking)
@@ -164,10 +201,9 @@ def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: b
     """
     from avse.config import load_config
     from avse.data.tokenizer import load_tokenizer
-    from avse.io import atomic_path
     from avse.model import backbones, official
     from avse.model.avse import build_model, random_backbones
-    from avse.checkpoint import save_checkpoint
+    from avse.checkpoint import save_tensors
 
     out_dir = out_dir or MODELS
     content = official.read_checkpoint(source, trust)
@@ -193,13 +229,13 @@ def import_checkpoint(source: Path, params: Path, overrides: list[str], trust: b
         raise AvseError(f"model.text.name: the tokenizer of {config.model.text.name} has {len(tokenizer)} tokens, "
                         f"the checkpoint's BERT {vocab_size}")
     model.load_state_dict(state)
-    with atomic_path(out_dir / "tokenizer") as tmp:
-        tokenizer.save_pretrained(tmp)
-    save_checkpoint(out_dir / "best.pt", {
-        "model": model.state_dict(), "config": config.to_dict(), "config_hash": config.hash(),
-        "step": int(content.get("Eiters") or 0), "epoch": int(content.get("epoch") or 0),
-        "dev_metrics": {"rsum": float(content.get("best_rsum") or 0.0)}, "vocab_size": vocab_size,
-        "vision_image_size": model.image_encoder.backbone.config.image_size, "imported_from": str(source),
-    })
+    with _writing(out_dir), atomic_paths(out_dir / "tokenizer", out_dir / "best.pt") as (tokenizer_dir, checkpoint):
+        tokenizer.save_pretrained(tokenizer_dir)
+        save_tensors({
+            "model": model.state_dict(), "config": config.to_dict(), "config_hash": config.hash(),
+            "step": int(content.get("Eiters") or 0), "epoch": int(content.get("epoch") or 0),
+            "dev_metrics": {"rsum": float(content.get("best_rsum") or 0.0)}, "vocab_size": vocab_size,
+            "vision_image_size": model.image_encoder.backbone.config.image_size, "imported_from": str(source),
+        }, checkpoint)
     log.info("imported %s (%s, %d parameters) into %s", source, config.model.vision.name, len(state), out_dir / "best.pt")
     return out_dir / "best.pt"

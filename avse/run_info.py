@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from avse.config import PARAMS_FILE, Config, from_dict
+from avse.config import PARAMS_FILE, Config, from_dict, load_yaml
 from avse.errors import AvseError, ConfigError
 
 TRAIN_SOURCE = "stages/train.py"
@@ -46,7 +46,7 @@ def git(*args: str) -> str:
 def dvc_data_digest(dataset: str, lock: Path = Path("dvc.lock")) -> str:
     """The md5 that `dvc.lock` records for `data/prepared/<dataset>` (empty outside a DVC pipeline run)."""
     try:
-        stages = yaml.safe_load(lock.read_text(encoding="utf-8")).get("stages", {})
+        stages = load_yaml(lock.read_text(encoding="utf-8")).get("stages", {})
     except (OSError, yaml.YAMLError, AttributeError):
         return ""
     wanted = f"data/prepared/{dataset}"
@@ -81,7 +81,7 @@ def reference_params(params_file: Path = Path(PARAMS_FILE)) -> dict[str, Any]:
     (validated, so that `1e-3` and `0.001` are the same value); empty when neither is valid."""
     text = git("show", f"HEAD:{params_file.as_posix()}") or (params_file.read_text(encoding="utf-8") if params_file.exists() else "")
     try:
-        return from_dict(yaml.safe_load(text) or {}).flat()
+        return from_dict(load_yaml(text) or {}).flat()
     except (yaml.YAMLError, ConfigError, AttributeError):
         return {}
 

@@ -9,9 +9,11 @@ are queued and sent when it answers again, and what is still unsent at the end i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +29,8 @@ MAX_PARAM_LENGTH = 500  # MLflow's limit on a parameter value
 
 
 RETRY_SECONDS = 30.0  # after a failure, queue locally and try the store again this much later
+# How often, and how long each time, MLflow asks a tracking server before it gives up (see `client_for`).
+HTTP_RETRIES, HTTP_TIMEOUT = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"
 SYSTEM_METRICS_SECONDS = 10.0  # sampling interval of CPU, memory and GPU use
 
 
@@ -44,9 +48,13 @@ def store_uri(uri: str, root: Path | None = None) -> str:
     return prefix + str(project_root(root) / uri[len(prefix):])
 
 
+# Set by a Slurm job (`avse.launch.slurm`) for the project its working copy belongs to: DVC_ROOT names the copy there.
+PROJECT_ROOT_VARIABLE = "AVSE_PROJECT_ROOT"
+
+
 def project_root(root: Path | None = None) -> Path:
-    """`root`, else the project a (possibly queued) DVC experiment runs for, else the current directory."""
-    return Path(root or os.environ.get("DVC_ROOT") or ".").resolve()
+    """`root`, else the project a Slurm job or a (possibly queued) DVC experiment runs for, else the current directory."""
+    return Path(root or os.environ.get(PROJECT_ROOT_VARIABLE) or os.environ.get("DVC_ROOT") or ".").resolve()
 
 
 def artifact_root(uri: str) -> str | None:
@@ -196,13 +204,23 @@ class Tracker:
 
 
 def client_for(uri: str):
-    """An MLflow client that fails fast when the store is down (MLflow's defaults retry a call for minutes)."""
+    """An MLflow client that fails fast when the store is down: one retry and 10 s for each answer, unless the
+    environment says otherwise (MLflow's defaults, 7 retries with a doubling backoff, wait about four minutes)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault(HTTP_RETRIES, "1")
+    os.environ.setdefault(HTTP_TIMEOUT, "10")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def store_error(uri: str, err: Exception) -> AvseError:
+    """`err`, met reading the tracking store at `uri`, as one line; for a server, with how to let MLflow wait longer."""
+    message = f"{uri}: cannot read the tracking store ({str(err).splitlines()[0]})"
+    if uri.startswith(("http://", "https://")):
+        message += (f"; MLflow gave up at {HTTP_RETRIES}={os.environ[HTTP_RETRIES]} and {HTTP_TIMEOUT}={os.environ[HTTP_TIMEOUT]} "
+                    "(seconds for each answer): raise them to wait longer")
+    return AvseError(message)
 
 
 def runs_table_url(store: str, experiment: str, host: str, port: int) -> str:
@@ -218,6 +236,17 @@ def runs_table_url(store: str, experiment: str, host: str, port: int) -> str:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def ensure_experiment(client, experiment: str, uri: str) -> str:
+    """The id of `experiment`, created (laid out as model training) if the store has none."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return client.create_experiment(experiment, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in found.tags:  # an experiment made before, or by hand; a kind someone chose stays
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
 def open_run_in(client, experiment: str, uri: str, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Re-open run `run_id`, or create one in `experiment` with `params`; set `tags`. Returns the run id."""
     from mlflow.entities import Param, RunTag
@@ -225,20 +254,37 @@ def open_run_in(client, experiment: str, uri: str, run_id: str | None, run_name:
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
     else:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
-        else:
-            experiment_id = found.experiment_id
-            for key, value in EXPERIMENT_KIND.items():
-                if key not in found.tags:  # an experiment made before, or by hand; a kind someone chose stays
-                    client.set_experiment_tag(experiment_id, key, value)
-        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        run_id = client.create_run(ensure_experiment(client, experiment, uri), run_name=run_name).info.run_id
         values = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for start in range(0, len(values), 100):
             client.log_batch(run_id, params=values[start : start + 100])
+    keep_artifacts_beside_the_store(uri)
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v])
     return run_id
+
+
+# Where MLflow keeps each artifact location, as an absolute URI.
+ARTIFACT_LOCATIONS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
+
+
+def keep_artifacts_beside_the_store(uri: str) -> None:
+    """Point the artifact locations of a copied or moved SQLite store at the `mlruns/` beside it.
+
+    MLflow keeps them as absolute paths: a copy of the project would log its runs' artifacts into the original's
+    `mlruns/`. Locations under an experiment folder that `artifact_root` made beside another database (the store's
+    earlier place) move under this one; locations chosen otherwise stay as they are.
+    """
+    here = artifact_root(uri)
+    database = Path(uri[len("sqlite:///"):])
+    if here is None or not database.exists():
+        return
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        moved = {location for (location,) in db.execute("SELECT artifact_location FROM experiments")
+                 if location and location.startswith("file://") and location.endswith("/mlruns") and location != here}
+        for old in moved:
+            for table, column in ARTIFACT_LOCATIONS:
+                db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                           (here, len(old) + 1, old, len(old) + 1, f"{old}/"))
 
 
 def send_metrics(client, run_id: str, records: list[dict[str, Any]]) -> None:
@@ -268,7 +314,11 @@ def sync_unsent(path: Path = UNSENT_FILE) -> int:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:  # nothing is sent before every line is read
+            raise AvseError(f"{path}:{number}: not a metric record ({err.msg}, column {err.colno}); a line cut short "
+                            "when its writer was killed holds nothing to send: remove it and sync again") from None
         if "run" in record or not groups or record.get("run_id") != groups[-1][-1].get("run_id"):
             if record.get("run_id") is None and "run" not in record:
                 raise AvseError(f"{path}:{number}: metrics of an unknown run (no run id and no run record before them)")

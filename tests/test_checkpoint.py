@@ -1,8 +1,12 @@
 import argparse
+import os
+import re
+import zipfile
 
 import pytest
 import torch
 
+from avse import cli
 from avse.errors import DiskFullError
 from avse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -30,6 +34,21 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"bad.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_compressed_checkpoint_is_refused_before_it_unpacks(tmp_path, capsys):
+    """A zip bomb for `avse import-checkpoint`: 8 MB of zeros deflated to a few KB. torch.save never compresses,
+    so the sizes the archive declares are checked against the file's before anything is unpacked."""
+    torch.save({"model": {"w": torch.zeros(2_000_000)}}, tmp_path / "plain.pt")
+    bomb = tmp_path / "model_best.pth"
+    with zipfile.ZipFile(tmp_path / "plain.pt") as plain, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as packed:
+        for entry in plain.infolist():
+            packed.writestr(entry.filename, plain.read(entry))
+    assert cli.main(["import-checkpoint", str(bomb), "--params", os.devnull, "--out", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {re.escape(str(bomb))}: refused to load: its entries unpack to 8\d{{6}} bytes from a file of "
+                        rf"{bomb.stat().st_size} \(torch.save writes them uncompressed\)\n", err), err
+    assert not (tmp_path / "models").exists()
 
 
 def test_a_full_disk_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

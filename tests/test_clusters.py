@@ -51,9 +51,9 @@ def uninterrupted(prepared) -> dict[int, dict[str, torch.Tensor]]:
     return states
 
 
-def stop_mid_epoch(command: list[str], cwd: Path, marker: Path) -> subprocess.CompletedProcess:
+def stop_mid_epoch(command: list[str], cwd: Path, marker: Path, extra_env: dict[str, str]) -> subprocess.CompletedProcess:
     """Start `command`, send it SIGTERM once the first process has done optimiser step MARK_STEP, and wait for it."""
-    env = command_env(cwd, {"AVSE_TEST_MARK_STEP": str(MARK_STEP), "AVSE_TEST_MARKER": str(marker)})
+    env = command_env(cwd, extra_env | {"AVSE_TEST_MARK_STEP": str(MARK_STEP), "AVSE_TEST_MARKER": str(marker)})
     env["PYTHONPATH"] = f"{HOOK}:{env['PYTHONPATH']}"
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -64,32 +64,42 @@ def stop_mid_epoch(command: list[str], cwd: Path, marker: Path) -> subprocess.Co
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("launcher", ["avse train, 1 process", "avse train, 2 processes"])
+@pytest.mark.parametrize("launcher", ["avse train, 1 process", "avse train, 2 processes, in copies of the project as DVC's queue runs"])
 def test_sigterm_mid_epoch_checkpoints_and_the_rerun_ends_with_the_bits_of_an_uninterrupted_run(launcher, prepared, uninterrupted, tmp_path):
     processes = 1 if "1 process" in launcher else 2
     project = tmp_path / "project"
     shutil.copytree(prepared, project, symlinks=True)
+    # DVC's queue runs each experiment in a temporary copy, deleted with a failed run, and names the project in DVC_ROOT:
+    # the stopped run and its rerun each get a copy of their own, and the checkpoint must outlive the first.
+    in_copies = "copies" in launcher
+    copies = [Path(shutil.copytree(prepared, tmp_path / f"copy-{n}", symlinks=True)) for n in (1, 2)] if in_copies else [project] * 2
+    extra_env = {"DVC_ROOT": str(project)} if in_copies else {}
     # One process reads its batches through loader workers (which must neither print tracebacks nor keep it from exiting).
     command = avse("train", project, f"train.nproc_per_node={processes}", f"data.num_workers={2 if processes == 1 else 0}")
 
-    stopped = stop_mid_epoch(command, project, tmp_path / "marker")
+    stopped = stop_mid_epoch(command, copies[0], tmp_path / "marker", extra_env)
     assert stopped.returncode != 0, stopped.stderr
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in stopped.stderr, stopped.stderr
     assert "KeyboardInterrupt" not in stopped.stderr
     step = int(errors[0].split(" at step ")[1].split()[0])
     assert MARK_STEP < step < 8, errors  # mid-epoch
-    assert errors[0] == (f"error: stopped by SIGTERM at step {step} of 8, saved in models/last.pt; "
+    last = next((project / ".avse" / "resume").glob("*/last.pt")) if in_copies else Path("models/last.pt")
+    assert errors[0] == (f"error: stopped by SIGTERM at step {step} of 8, saved in {last}; "
                          "rerun the same command (or dvc repro) to resume")
-    checkpoint = torch.load(project / "models" / "last.pt", weights_only=True)
+    checkpoint = torch.load(project / last, weights_only=True)
     assert checkpoint["state"]["step"] == step
     client = mlflow_client(project)
     stopped_run = client.get_run(checkpoint["run_id"])
     assert stopped_run.info.status == "KILLED" and stopped_run.data.tags["avse.stopped"].startswith(f"at step {step} ")
 
-    resumed = run(command, cwd=project, timeout=600)
-    assert f"resuming from models/last.pt at step {step}" in resumed.stderr
-    final = trained_state(project / "models")
+    if in_copies:
+        shutil.rmtree(copies[0])  # as DVC deletes a failed run's copy
+    resumed = run(command, cwd=copies[1], timeout=600, env=extra_env)
+    assert f"resuming from {last} at step {step}" in resumed.stderr
+    final = trained_state(copies[1] / "models")  # a finished run's last.pt is its copy's output
+    if in_copies:
+        assert not last.parent.exists()  # nothing is left to resume in the project
     expected = uninterrupted[processes]
     assert final.keys() == expected.keys()
     assert [name for name in final if not torch.equal(final[name], expected[name])] == []

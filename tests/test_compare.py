@@ -1,12 +1,18 @@
-"""`avse compare` over runs in a real (SQLite) MLflow store."""
+"""`avse compare` over runs in a real (SQLite) MLflow store, and against stores it cannot read."""
+
+import shutil
+import time
 
 import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from avse import cli
 from avse.analysis.compare import COLUMNS, SUMMARY_COLUMNS, comparison_table, load_runs, seed_summary, summary_for_reading, write_comparison
 from avse.errors import AvseError
+
+from conftest import REPO, free_port
 
 
 def log_run(client, experiment_id, name, params, tags, metrics, status="FINISHED"):
@@ -117,3 +123,39 @@ def test_filters(store):
         load_runs(uri, "avse", since="yesterday")
     with pytest.raises(AvseError, match="no experiment 'other'"):
         load_runs(uri, "other")
+
+
+def compare_command(tmp_path, monkeypatch, capsys, *options: str) -> tuple[int, str]:
+    """`avse compare` in a project at `tmp_path`: (exit status, stderr)."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    status = cli.main(["compare", "--out", str(tmp_path / "out"), *options])
+    return status, capsys.readouterr().err
+
+
+def test_a_corrupt_store_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)
+    status, err = compare_command(tmp_path, monkeypatch, capsys)
+    assert (status, err) == (2, f"error: sqlite:///{tmp_path / 'mlflow.db'}: cannot read the tracking store "
+                                "((sqlite3.DatabaseError) file is not a database)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_with_quotes_is_searched_for_not_parsed(store):
+    uri, _, _ = store
+    assert load_runs(uri, "avse", dataset="f30k' or x").empty
+    assert load_runs(uri, "avse", dataset='f30k" or x').empty
+    with pytest.raises(AvseError, match=r"^--dataset: 'it\\'s \"x\"' holds both kinds of quote, which MLflow's search cannot match$"):
+        load_runs(uri, "avse", dataset="it's \"x\"")
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # what the command sets unless the user did
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    started = time.monotonic()
+    status, err = compare_command(tmp_path, monkeypatch, capsys, "-S", f"tracking.uri=http://127.0.0.1:{free_port()}")
+    assert time.monotonic() - started < 20  # not MLflow's four minutes of retries
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith("error: http://127.0.0.1:") and "Connection refused" in err
+    assert err.endswith("; MLflow gave up at MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 and MLFLOW_HTTP_REQUEST_TIMEOUT=2 (seconds for each answer): "
+                        "raise them to wait longer\n")

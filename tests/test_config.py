@@ -1,8 +1,10 @@
+import os
 import re
 
 import pytest
 import yaml
 
+from avse import cli
 from avse.config import Config, apply_override, load_config
 from avse.errors import ConfigError
 
@@ -45,6 +47,37 @@ def test_bad_values_give_one_line_naming_key_and_value(override, message):
         load_config(REPO / "params.yaml", [override])
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+def params_command(capsys, *args: str) -> str:
+    """`avse params ...`'s stderr with every other parameter at its default, after checking that it exits with status 2."""
+    assert cli.main(["params", "--params", os.devnull, *args]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.temperature=.inf", "train.temperature: inf is not a finite number"),  # was a math domain error mid-run
+    ("train.lr=1e309", "train.lr: '1e309' is not a finite number"),  # YAML reads it as a string, Python as inf
+    ("train.seed=123456789012345678901", "train.seed: 123456789012345678901 is not an integer in [0, 2**64)"),
+])
+def test_numbers_that_are_not_finite_or_do_not_fit_are_refused(capsys, override, message):
+    assert params_command(capsys, "-S", override) == f"error: {message}\n"
+
+
+def test_a_nul_byte_in_a_parameter_is_refused(capsys):
+    assert params_command(capsys, "-S", 'data.images="images\\0x"') == "error: data.images: 'images\\x00x' contains a NUL byte\n"
+
+
+@pytest.mark.parametrize("name, text, command, message", [
+    ("params.yaml", "train:\n  lr: 0.1\nmodel:\n  views: 1\ntrain:\n  seed: 3\n", ["params", "--params"],
+     "key 'train' appears twice (lines 1 and 5)"),
+    ("experiments.yaml", "experiments:\n  row:\n    set:\n      train.lr: 0.1\n      train.lr: 0.2\n", ["exp", "--list", "--experiments"],
+     "key 'train.lr' appears twice (lines 4 and 5)"),
+], ids=["params", "experiments"])
+def test_a_key_written_twice_in_a_yaml_file_is_refused(tmp_path, capsys, name, text, command, message):
+    (tmp_path / name).write_text(text)
+    assert cli.main([*command, str(tmp_path / name)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / name}: not valid YAML: {message}\n"
 
 
 def test_overrides_parse_yaml_values():

@@ -1,4 +1,4 @@
-"""Atomic output under failure: a writer killed mid-write, and a disk that is really full."""
+"""Atomic output under failure: a writer killed mid-write, another writer of the same file, and a disk that is really full."""
 
 import json
 import shutil
@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from avse.checkpoint import load_checkpoint, save_checkpoint
+from avse.io import write_text
 
 from conftest import REPO, command_env
 
@@ -20,6 +21,17 @@ with atomic_path(sys.argv[1]) as tmp, open(tmp, "wb") as f:
     f.flush()
     print("writing", flush=True)
     time.sleep(60)
+"""
+
+# Writes half a file through atomic_path, says so, and finishes it when told to.
+LIVE_WRITER = """
+import sys
+from avse.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp, open(tmp, "w") as f:
+    f.write("the first writer's ")
+    f.flush()
+    print("writing", flush=True)
+    f.write(sys.stdin.readline())
 """
 
 # Run on a 256 KiB tmpfs: a checkpoint that fits, then a bigger one that does not fit beside it.
@@ -75,3 +87,18 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(tmp_path):
     assert outcome["error"] == f"{disk / 'last.pt'}: not written, the disk is full (No space left on device); any previous version is kept"
     assert outcome["unchanged"] and outcome["step"] == 1
     assert outcome["files"] == ["last.pt"]
+
+
+def test_a_live_writers_temporary_is_left_alone_by_another_write_of_the_same_file(tmp_path):
+    target = tmp_path / "run.json"
+    writer = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=command_env(REPO))
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        write_text(target, "the second writer's")
+        assert target.read_text() == "the second writer's"
+    finally:
+        writer.communicate("whole file\n", timeout=30)
+    assert writer.returncode == 0  # its temporary was still there to rename
+    assert target.read_text() == "the first writer's whole file\n"
+    assert list(tmp_path.iterdir()) == [target]

@@ -427,6 +427,56 @@ def test_bad_input_in_a_process_of_its_own(tmp_path):
     assert "Traceback" not in result.stderr and written_files(tmp_path / "data") == []
 
 
+def add_to_mapping(caps_dir: Path, entries: dict[str, str]) -> None:
+    mapping = json.loads((caps_dir / "id_mapping.json").read_text())
+    (caps_dir / "id_mapping.json").write_text(json.dumps(mapping | entries))
+
+
+def refused_by_the_command(tmp_path, monkeypatch, capsys, caps_dir: Path, image_dir: Path) -> str:
+    """`avse prepare`'s one line on stderr, after checking that it exits with status 2 and writes nothing."""
+    status, err = prepare_command(tmp_path, monkeypatch, capsys, caps_dir, image_dir)
+    assert status == 2 and "Traceback" not in err
+    assert written_files(tmp_path / "data") == []
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["{outside}", "../outside/secret.jpg"], ids=["absolute", "parent"])
+def test_a_mapped_name_outside_the_image_folder_is_refused(tmp_path, monkeypatch, capsys, name):
+    caps_dir, image_dir = make_raw(tmp_path)
+    write_jpeg(tmp_path / "outside" / "secret.jpg")  # a file that exists: the name alone is refused
+    name = name.format(outside=tmp_path / "outside" / "secret.jpg")
+    add_to_mapping(caps_dir, {"0": name})
+    assert refused_by_the_command(tmp_path, monkeypatch, capsys, caps_dir, image_dir) == (
+        f"error: {caps_dir / 'id_mapping.json'}: image id 0 maps to {name!r}, which leads outside the image folder "
+        "(data.images): names are relative to it, without '..'")
+
+
+def test_a_nul_byte_in_a_mapped_name_is_refused(tmp_path, monkeypatch, capsys):
+    caps_dir, image_dir = make_raw(tmp_path)
+    add_to_mapping(caps_dir, {"0": "0000\0.jpg"})
+    assert refused_by_the_command(tmp_path, monkeypatch, capsys, caps_dir, image_dir) == (
+        f"error: {caps_dir / 'id_mapping.json'}: image id 0 maps to '0000\\x00.jpg', which contains a NUL byte")
+
+
+def test_mapping_keys_equal_as_numbers_are_refused(tmp_path, monkeypatch, capsys):
+    caps_dir, image_dir = make_raw(tmp_path)
+    write_jpeg(image_dir / "other.jpg")
+    add_to_mapping(caps_dir, {"03": "other.jpg"})  # "3" is there already: image 3 would silently get this file
+    assert refused_by_the_command(tmp_path, monkeypatch, capsys, caps_dir, image_dir) == (
+        f"error: {caps_dir / 'id_mapping.json'}: image id 3 appears twice (keys '3' and '03')")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("dev_caps.txt", "not a regular file; nothing was written"),
+    ("id_mapping.json", "cannot be read (Is a directory)"),
+], ids=["caption file", "id mapping"])
+def test_a_folder_where_a_data_file_belongs_is_named(tmp_path, monkeypatch, capsys, name, message):
+    caps_dir, image_dir = make_raw(tmp_path)
+    (caps_dir / name).unlink()
+    (caps_dir / name).mkdir()
+    assert refused_by_the_command(tmp_path, monkeypatch, capsys, caps_dir, image_dir) == f"error: {caps_dir / name}: {message}"
+
+
 def without_dev(caps_dir: Path) -> Path:
     """The official repositories' layout: train and test caption files only."""
     for name in ("dev_caps.txt", "dev_ids.txt"):

@@ -1,16 +1,17 @@
 """Tracking against a real `mlflow server` on 127.0.0.1, including the server going away mid-run."""
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from avse import tracking
+from avse import cli, tracking
 from avse.config import TrackingConfig
 from avse.tracking import Tracker, sync_unsent
-from conftest import REPO, TINY, Server, free_port, run, set_params
+from conftest import REPO, TINY, Server, free_port, mlflow_client, run, set_params
 
 
 def mlflow_server(root: Path, port: int) -> list[str]:
@@ -248,3 +249,37 @@ def test_the_ui_address_opens_the_experiments_runs_table(tmp_path):
     assert runs_table_url(store, "avse", "127.0.0.1", 5000) == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
     experiment_id = MlflowClient(tracking_uri=store).create_experiment("avse")
     assert runs_table_url(store, "avse", "127.0.0.1", 5000) == f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def test_a_sync_file_whose_last_line_was_cut_is_one_line_and_sends_nothing(tmp_path, monkeypatch, capsys):
+    unsent = tmp_path / "untracked.jsonl"
+    record = {"tracking_uri": f"http://127.0.0.1:{free_port()}", "run_id": "abc", "metrics": {"loss": 1.0}, "step": 1, "timestamp": 0}
+    text = json.dumps(record) + "\n" + json.dumps(record | {"step": 2})[:40]  # the writer was killed mid-line
+    unsent.write_text(text)
+    assert cli.main(["tracking-sync", str(unsent)]) == 2
+    assert capsys.readouterr().err == (f"error: {unsent}:2: not a metric record (Unterminated string starting at, column 18); a line "
+                                       "cut short when its writer was killed holds nothing to send: remove it and sync again\n")
+    assert unsent.read_text() == text
+
+
+def test_a_copied_project_logs_artifacts_beside_its_own_store(tmp_path, monkeypatch):
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    monkeypatch.chdir(original)
+    config = TrackingConfig(uri="sqlite:///mlflow.db", experiment="avse")
+    tracker = Tracker(config)
+    run_id = tracker.start(None, "run", {}, {})
+    (original / "eval.json").write_text("the original's")
+    tracker.log_artifact(original / "eval.json", "evaluation")
+    tracker.finish()
+    shutil.copytree(original, copy)
+    monkeypatch.chdir(copy)
+    (copy / "eval.json").write_text("the copy's")
+    tracker = Tracker(config)
+    new_run = tracker.start(None, "run", {}, {})
+    tracker.log_artifact(copy / "eval.json", "evaluation")
+    tracker.finish()
+    assert [p.read_text() for p in (original / "mlruns").rglob("eval.json")] == ["the original's"]
+    assert [p.read_text() for p in (copy / "mlruns" / new_run).rglob("eval.json")] == ["the copy's"]
+    # The copied run follows too: a later stage reporting into it logs beside the copy.
+    assert mlflow_client(copy).get_run(run_id).info.artifact_uri == (copy / "mlruns" / run_id / "artifacts").as_uri()

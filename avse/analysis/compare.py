@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 
 from avse.config import OBSERVATION_KEYS, stable_hash
 from avse.errors import AvseError
-from avse.io import atomic_path
+from avse.io import atomic_paths
+from avse.tracking import client_for, store_error
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 # COCO's 5K test also reports ECCV Caption and CxC (`avse/evaluation/eccv.py`); columns shown where a run has them.
@@ -31,22 +32,36 @@ NOT_AN_EXPERIMENT_SETTING = {SEED, *OBSERVATION_KEYS}
 
 
 def load_runs(tracking_uri: str, experiment: str, dataset: str | None = None, since: str | None = None) -> pd.DataFrame:
-    """Runs of `experiment` as MLflow reports them (`params.*`, `metrics.*`, `tags.*` columns)."""
+    """Runs of `experiment` as MLflow reports them (`params.*`, `metrics.*`, `tags.*` columns); a store that cannot
+    be read is one line (`store_error`)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
-    mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        raise AvseError(f"tracking.experiment: no experiment {experiment!r} at {tracking_uri}")
     filters = []
     if dataset:
-        filters.append(f"tags.dataset = '{dataset}'")
+        filters.append(f"tags.dataset = {_filter_string(dataset, '--dataset')}")
     if since:
         try:
             start = pd.Timestamp(since, tz="UTC")
         except ValueError:
             raise AvseError(f"--since: {since!r} is not a date (expected e.g. 2026-11-29)") from None
         filters.append(f"attributes.start_time >= {int(start.timestamp() * 1000)}")
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=" and ".join(filters), output_format="pandas")
+    try:
+        if client_for(tracking_uri).get_experiment_by_name(experiment) is None:
+            raise AvseError(f"tracking.experiment: no experiment {experiment!r} at {tracking_uri}")
+        mlflow.set_tracking_uri(tracking_uri)
+        return mlflow.search_runs(experiment_names=[experiment], filter_string=" and ".join(filters), output_format="pandas")
+    except (MlflowException, SQLAlchemyError) as err:  # a server that does not answer, a database that is not one
+        raise store_error(tracking_uri, err) from None
+
+
+def _filter_string(value: str, option: str) -> str:
+    """`value` as a string of MLflow's search filters, which have no escapes: in a quote it does not hold."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise AvseError(f"{option}: {value!r} holds both kinds of quote, which MLflow's search cannot match")
 
 
 def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -138,17 +153,13 @@ def _number(value):
 def write_comparison(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """`comparison.csv`, `comparison.md` and `comparison.png` (rsum of each experiment, mean and sd over
     its seeds), and `comparison_runs.csv` (every run)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = seed_summary(table)
     paths = [out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png", out_dir / "comparison_runs.csv"]
-    with atomic_path(paths[0]) as tmp:
-        summary.to_csv(tmp, index=False)
-    with atomic_path(paths[1]) as tmp:
-        tmp.write_text(_markdown(summary_for_reading(summary)) + "\n", encoding="utf-8")
-    with atomic_path(paths[2]) as tmp:
-        seed_summary_figure(summary).savefig(tmp, dpi=120, format="png")
-    with atomic_path(paths[3]) as tmp:
-        table.to_csv(tmp, index=False)
+    with atomic_paths(*paths) as (summary_csv, markdown, figure, runs_csv):
+        summary.to_csv(summary_csv, index=False)
+        markdown.write_text(_markdown(summary_for_reading(summary)) + "\n", encoding="utf-8")
+        seed_summary_figure(summary).savefig(figure, dpi=120, format="png")
+        table.to_csv(runs_csv, index=False)
     return paths
 
 

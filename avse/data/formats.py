@@ -111,22 +111,41 @@ def read_id_mapping(path: Path) -> dict[int, str]:
         raw = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=reject_duplicates)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as err:  # a folder, say
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not a valid UTF-8 JSON file ({err})") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected a JSON object mapping image ids to file names")
     mapping: dict[int, str] = {}
+    keys: dict[int, str] = {}
     files: dict[str, str] = {}
     for key, name in raw.items():
         if not re.fullmatch(r"\d+", key):
             raise DataError(f"{path}: key {key!r} is not a non-negative integer image id")
+        image_id = int(key)
+        if image_id in keys:  # "3" and "03": distinct JSON keys, one image id
+            raise DataError(f"{path}: image id {image_id} appears twice (keys {keys[image_id]!r} and {key!r})")
         if not isinstance(name, str) or not name:
             raise DataError(f"{path}: image id {key} maps to {name!r}, expected a file name")
+        refused = unsafe_image_name(name)
+        if refused:
+            raise DataError(f"{path}: image id {key} maps to {name!r}, which {refused}")
         if name in files:
             raise DataError(f"{path}: file {name} is mapped by both image id {files[name]} and {key}")
-        files[name] = key
-        mapping[int(key)] = name
+        keys[image_id], files[name] = key, key
+        mapping[image_id] = name
     return mapping
+
+
+def unsafe_image_name(name: str) -> str | None:
+    """Why the file name `name`, from a dataset's files, may not be opened in the image folder (`data.images`);
+    None when it may. A name from data never reaches files outside that folder."""
+    if "\0" in name:
+        return "contains a NUL byte"
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return "leads outside the image folder (data.images): names are relative to it, without '..'"
+    return None
 
 
 def read_caption_splits(root: Path, split_names: tuple[str, ...]) -> RawDataset:
@@ -142,9 +161,9 @@ def read_caption_splits(root: Path, split_names: tuple[str, ...]) -> RawDataset:
         caps_path, ids_path = root / f"{name}_caps.txt", root / f"{name}_ids.txt"
         if not caps_path.exists() and not ids_path.exists():
             continue  # e.g. an evaluation-only copy of a dataset has no train split
-        missing = [p for p in (caps_path, ids_path) if not p.exists()]
-        if missing:
-            problems.extend(Problem(str(p), "file not found") for p in missing)
+        unreadable = [p for p in (caps_path, ids_path) if not p.is_file()]
+        if unreadable:
+            problems.extend(Problem(str(p), "not a regular file" if p.exists() else "file not found") for p in unreadable)
             continue
         captions = read_lines(caps_path, problems)
         id_lines = read_lines(ids_path, problems)
@@ -191,6 +210,8 @@ def read_karpathy(path: Path, dataset: str) -> RawDataset:
         raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as err:  # a folder, say
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not a valid UTF-8 JSON file ({err})") from None
     images = raw.get("images") if isinstance(raw, dict) else None
@@ -212,7 +233,12 @@ def read_karpathy(path: Path, dataset: str) -> RawDataset:
         split = KARPATHY_SPLITS[split_name]
         if split == "test" and dataset == "coco":
             split = "testall"
-        result.id_to_file[index] = f"{image['filepath']}/{filename}" if image.get("filepath") else filename
+        name = f"{image['filepath']}/{filename}" if image.get("filepath") else str(filename)
+        refused = unsafe_image_name(name)
+        if refused:
+            result.problems.append(Problem(where, f"file name {name!r} {refused}"))
+            continue
+        result.id_to_file[index] = name
         for number, text in enumerate(sentences[:CAPTIONS_PER_IMAGE]):
             result.splits[split].captions.append(Caption(text, index, f"{where}.sentences[{number}]"))
     return result

@@ -209,9 +209,13 @@ def scan_images(paths: list[Path], cache_res: int, resize: Resize, cache_path: P
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(load, range(len(paths)), chunksize=64)
-        for position, reason in enumerate(progress_bar(results, total=len(paths), desc=desc, disable=not progress, unit="img")):
-            if reason is not None:
-                bad[position] = reason
+        try:
+            for position, reason in enumerate(progress_bar(results, total=len(paths), desc=desc, disable=not progress, unit="img")):
+                if reason is not None:
+                    bad[position] = reason
+        except BaseException:  # interrupted: drop the images not started, wait only for those loading
+            pool.shutdown(cancel_futures=True)
+            raise
     if cache is not None:
         cache.flush()
     return bad

@@ -13,6 +13,7 @@ from avse.compute import autocast
 from avse.data.dataset import ImageDataset, PreparedSplit
 from avse.data.images import Resize
 from avse.config import Config
+from avse.launch.signals import ignore_stop_signals
 from avse.data.tokenizer import CaptionTokenizer, load_tokenizer
 from avse.model.avse import AVSE, from_checkpoint
 from avse.checkpoint import load_checkpoint
@@ -39,7 +40,7 @@ def encode_images(
     # Pinned batches make the copies to a GPU asynchronous; the embeddings stay there until the end, so that the
     # host never waits for a batch before it queues the next.
     loader = DataLoader(ImageDataset(split, resolution, resize), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     chunks = []
     for images, _ in progress_bar(loader, desc=f"images {split.name}", disable=not progress, unit="batch"):
         with autocast(device, dtype):

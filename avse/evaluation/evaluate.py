@@ -94,7 +94,7 @@ def write_recall_curve(sims: Tensor, csv_path: Path, png_path: Path, title: str)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(png_path, dpi=120, format="png")  # the path may be a temporary, whose name says no format
     plt.close(fig)
     return rows
 

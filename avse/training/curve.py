@@ -2,7 +2,7 @@
 (dev rsum and AVSE's diagnostics, `avse/evaluation/diagnostics.py`), in `metrics/train_curve.csv`, rendered to
 `metrics/train_curve.png` without a browser.
 
-A resumed run keeps the rows up to the step it resumes from and appends the rest, so the
+`last.pt` holds the rows up to its step: a resumed run keeps them and appends the rest, so the
 file always describes one run from step 1.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 
 from avse.io import atomic_path, write_text
@@ -24,19 +23,6 @@ COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "dev_rsum", *(f"dev_{na
 class TrainingCurve:
     def __init__(self, rows: list[dict[str, float]] | None = None):
         self.rows = rows or []
-
-    @classmethod
-    def load(cls, path: Path) -> "TrainingCurve":
-        """The rows of `path`, each with the columns it has a value for."""
-        with path.open(newline="", encoding="utf-8") as f:
-            return cls([{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)])
-
-    @classmethod
-    def resume(cls, path: Path, step: int) -> "TrainingCurve":
-        """The rows of `path` up to `step` (none when the file is absent or `step` is 0)."""
-        if step == 0 or not path.exists():
-            return cls()
-        return cls([row for row in cls.load(path).rows if row.get("step", math.inf) <= step])
 
     def add(self, step: int, epoch: int, **values: float) -> None:
         """A row at `step`; it replaces a row of the same step and kind (a dev evaluation repeated after a resume)."""

@@ -26,7 +26,7 @@ from avse.launch.signals import StopSignals, StoppedBySignal
 from avse.model.avse import AVSE, build_model
 from avse.progress import progress
 from avse.run_info import run_name
-from avse.training.curve import CURVE_CSV, DIAGNOSTICS, TrainingCurve
+from avse.training.curve import DIAGNOSTICS, TrainingCurve
 from avse.training.distributed import DistContext, barrier, init_distributed, shutdown
 from avse.training.optim import build_optimizer, lr_factor
 from avse.training.resume import training_hash
@@ -63,9 +63,8 @@ def train(config: Config, out_dir: Path, signals: StopSignals | None = None) -> 
     # Resume, tracking
     config_hash = training_hash(config, ctx.world_size, dtype, data.prepared, ctx.device)
     checkpoints = Checkpoints(out_dir, config_hash, ctx)
-    state, run_id = checkpoints.resume(model, optimizer, scaler)
+    state, run_id, curve = checkpoints.resume(model, optimizer, scaler)
     ddp_model = DistributedDataParallel(model) if ctx.distributed else model
-    curve = TrainingCurve.resume(CURVE_CSV, state.step)
     record = RunRecord(config, ctx, out_dir, config_hash, run_id, data.prepared)
     if ctx.is_main:
         save_tokenizer(data.tokenize, out_dir)

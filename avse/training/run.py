@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from avse.io import atomic_path, write_json
 from avse.launch.signals import ignore_stop_signals
 from avse.model.avse import AVSE
 from avse.run_info import run_name, run_tags, split_inputs
-from avse.tracking import Tracker
+from avse.tracking import Tracker, project_root
 from avse.training.batches import Collate, GlobalBatchSampler
 from avse.training.curve import TrainingCurve
 from avse.training.distributed import DistContext
@@ -106,27 +107,44 @@ class TrainingData:
                 log.info(report)
 
 
+# In the project: the checkpoints of runs in copies of it, by training hash (`resume_location`).
+RESUME_DIR = Path(".avse/resume")
+
+
+def resume_location(out_dir: Path, config_hash: str) -> Path:
+    """Where a run keeps the `last.pt` it resumes from: beside its models, or, for a run in a copy of the project (DVC's
+    queue, a Slurm job's working copy: `project_root()` is elsewhere), in the project itself under the run's training
+    hash, so that the rerun of a killed run finds it though its copy is gone."""
+    project = project_root()
+    if project == Path.cwd().resolve():
+        return out_dir / "last.pt"
+    return project / RESUME_DIR / config_hash[:16] / "last.pt"
+
+
 class Checkpoints:
     """`last.pt`, written after good steps and epochs to resume from, and `best.pt`, the best dev rsum so far.
 
-    Only the first process writes; every process resumes from the same `last.pt`.
+    Only the first process writes; every process resumes from the same `last.pt`. A run in a copy of the project keeps
+    it in the project while it trains (`resume_location`) and leaves it beside its models when it ends.
     """
 
     def __init__(self, out_dir: Path, config_hash: str, ctx: DistContext):
-        self.last, self.best = out_dir / "last.pt", out_dir / "best.pt"
+        self.last, self.best = resume_location(out_dir, config_hash), out_dir / "best.pt"
+        self.finished = out_dir / "last.pt"
         self.config_hash, self.ctx = config_hash, ctx
         self.saved_step: int | None = None  # the step last.pt holds for this run, once there is one
 
-    def resume(self, model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> tuple[TrainState, str | None]:
-        """The state (and MLflow run id) of `last.pt` loaded into the model and optimiser, if it was written by
-        this run's parameters, data, code and layout; else a fresh state."""
+    def resume(self, model: AVSE, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler) -> tuple[TrainState, str | None, TrainingCurve]:
+        """The state, MLflow run id and training curve of `last.pt`, loaded into the model and optimiser, if it was
+        written by this run's parameters, data, code and layout; else a fresh state."""
         if not self.last.exists():
-            return TrainState(), None
+            return TrainState(), None, TrainingCurve()
         checkpoint = load_checkpoint(self.last)
         if checkpoint["config_hash"] != self.config_hash:
             if self.ctx.is_main:
                 log.warning("%s was written with other parameters, data, code or process layout; starting afresh", self.last)
-            return TrainState(), None
+            return TrainState(), None, TrainingCurve()
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"]:  # empty when the run did not use fp16 loss scaling
@@ -137,20 +155,23 @@ class Checkpoints:
             state.best_rsum, state.evaluated_step = -1.0, -1
         if self.ctx.is_main:
             log.info("resuming from %s at step %d (epoch %d)", self.last, state.step, state.epoch)
-        return state, checkpoint["run_id"] or None
+        return state, checkpoint["run_id"] or None, TrainingCurve(checkpoint["curve"])
 
     def save_last(self, state: TrainState, model: AVSE, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   run_id: str | None, curve: TrainingCurve, final: bool = False) -> None:
         """Mid-run only after a good step, so that when non-finite steps stop the run, last.pt holds the last good state.
-        The training curve is written with it, so that a resumed run continues the curve it holds."""
+        It holds the training curve, written beside it, so that a resumed run continues the curve."""
         if state.bad_in_a_row and not final:
             return
         if self.ctx.is_main:
             curve.write()
             save_checkpoint(self.last, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "state": asdict(state), "config_hash": self.config_hash, "run_id": run_id or "",
+                "state": asdict(state), "config_hash": self.config_hash, "run_id": run_id or "", "curve": curve.rows,
             })
+            if final and self.last != self.finished:  # the copy's output; nothing is left to resume in the project
+                os.replace(self.last, self.finished)
+                self.last.parent.rmdir()
         self.saved_step = state.step
 
     def save_best(self, state: TrainState, model: AVSE, config: Config, metrics: dict[str, float], vocab_size: int) -> None:
