@@ -57,7 +57,7 @@ def test_split_inputs_name_digest_and_count_the_prepared_splits(tmp_path):
     assert split_inputs(from_dict({}), tmp_path)[0].digest != inputs[0].digest
 
 
-def test_training_curve_writes_one_row_per_step_and_kind_and_renders(tmp_path):
+def test_training_curve_writes_one_row_per_step_and_kind_reads_back_and_renders(tmp_path):
     curve = TrainingCurve()
     for step in (2, 4, 6):
         curve.add(step, 0, loss=1.0 / step, lr=0.001, pairs_per_s=100.0)
@@ -67,6 +67,9 @@ def test_training_curve_writes_one_row_per_step_and_kind_and_renders(tmp_path):
     assert (tmp_path / "curve.csv").read_text().splitlines() == [
         "step,epoch,loss,lr,pairs_per_s,dev_rsum,dev_view_cosine,dev_block_entropy,dev_distinct_blocks",
         "2,0,0.5,0.001,100,,,,", "4,0,0.25,0.001,100,,,,", "6,0,0.166667,0.001,100,,,,", "6,1,,,,13,0.5,1.25,1.5"]
+    assert TrainingCurve.load(tmp_path / "curve.csv").rows[2:] == [
+        {"step": 6, "epoch": 0, "loss": 0.166667, "lr": 0.001, "pairs_per_s": 100},
+        {"step": 6, "epoch": 1, "dev_rsum": 13, "dev_view_cosine": 0.5, "dev_block_entropy": 1.25, "dev_distinct_blocks": 1.5}]
     curve.render(tmp_path / "curve.png", title="run")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -24,6 +24,12 @@ class TrainingCurve:
     def __init__(self, rows: list[dict[str, float]] | None = None):
         self.rows = rows or []
 
+    @classmethod
+    def load(cls, path: Path) -> "TrainingCurve":
+        """The rows of `path`, each with the columns it has a value for."""
+        with path.open(newline="", encoding="utf-8") as f:
+            return cls([{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)])
+
     def add(self, step: int, epoch: int, **values: float) -> None:
         """A row at `step`; it replaces a row of the same step and kind (a dev evaluation repeated after a resume)."""
         self.rows = [row for row in self.rows if not (row["step"] == step and row.keys() - {"step", "epoch"} == values.keys())]
