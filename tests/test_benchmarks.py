@@ -84,3 +84,22 @@ def test_seed_spread_names_the_seed_and_log_of_a_failed_stage(tiny_pipeline, tmp
     log = project / "outputs/seed-spread/bad/seed3/log.txt"
     assert f"error: seed 3: `avse train` failed, see {log}" in result.stderr
     assert "train.lr" in log.read_text()
+
+
+def test_heldout_scenes_are_a_flickr30k_layout_of_three_objects_in_words_the_embedded_set_does_not_use(tmp_path):
+    import json
+
+    from avse.data import synthetic
+    from avse.data.formats import read_caption_splits, read_id_mapping
+
+    run_benchmark("benchmarks/heldout_scenes.py", "--out", str(tmp_path / "heldout"), "--train", "4", "--dev", "2", "--test", "2")
+    captions = tmp_path / "heldout" / "captions"
+    dataset = read_caption_splits(captions, ("train", "dev", "test"))
+    assert dataset.problems == []
+    assert {name: len(split.captions) for name, split in dataset.splits.items()} == {"train": 20, "dev": 10, "test": 10}
+    mapping = read_id_mapping(captions / "id_mapping.json")
+    assert len(mapping) == 8 and all((tmp_path / "heldout" / "images" / name).is_file() for name in mapping.values())
+    scenes = [json.loads(line) for line in (captions / "scenes.jsonl").read_text().splitlines()]
+    assert len(scenes) == 8 and all(len(scene["objects"]) == 3 for scene in scenes)
+    words = {word for split in dataset.splits.values() for caption in split.captions for word in caption.text.split()}
+    assert not words & {*synthetic.SHAPES, *synthetic.COLOURS}
