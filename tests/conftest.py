@@ -158,14 +158,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, env
 
 
 class FullDisk:
-    """A file on a disk that fills up after `room` bytes: writes past it raise OSError(ENOSPC), as the kernel's do."""
+    """A file on a disk that fills up after `room` bytes (characters for a text file): writes past it raise
+    OSError(ENOSPC), as the kernel's do."""
 
     def __init__(self, file, room: int):
         self.file, self.room = file, room
 
     def write(self, data) -> int:
         if len(data) > self.room:
-            self.file.write(bytes(data)[: self.room])
+            self.file.write(data[: self.room] if isinstance(data, str) else bytes(data)[: self.room])
             raise OSError(errno.ENOSPC, "No space left on device")
         self.room -= len(data)
         return self.file.write(data)

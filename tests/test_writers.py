@@ -21,7 +21,7 @@ from avse import cli
 from avse.checkpoint import save_tensors
 from avse.data import prepare as prepare_module
 
-from conftest import REPO, command_env, copy_finished
+from conftest import REPO, FullDisk, command_env, copy_finished
 from test_prepare import make_raw
 
 # Holds the writer locks of models/ and of the prepared synthetic dataset until told to let go.
@@ -66,29 +66,6 @@ def write_embeddings(project: Path, seed: int) -> None:
     (prepared / "test.csv").write_text("image_id,image_file,image_path,caption\n" + "\n".join(rows) + "\n")
 
 
-class FullTextFile:
-    """A text file on a disk that fills up after `room` characters: writes past it raise OSError(ENOSPC)."""
-
-    def __init__(self, file, room: int):
-        self.file, self.room = file, room
-
-    def write(self, text: str) -> int:
-        if len(text) > self.room:
-            self.file.write(text[: self.room])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(text)
-        return self.file.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
 def test_a_full_disk_while_evaluating_keeps_the_previous_results_whole(tmp_path, monkeypatch, capsys):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
@@ -100,7 +77,7 @@ def test_a_full_disk_while_evaluating_keeps_the_previous_results_whole(tmp_path,
     opened = Path.open
     # The disk fills up in the middle of t2i.csv, the first per-query file.
     monkeypatch.setattr(Path, "open", lambda path, mode="r", *args, **kwargs: (
-        FullTextFile(opened(path, mode, *args, **kwargs), room=500) if path.name == "t2i.csv" else opened(path, mode, *args, **kwargs)))
+        FullDisk(opened(path, mode, *args, **kwargs), room=500) if path.name == "t2i.csv" else opened(path, mode, *args, **kwargs)))
     capsys.readouterr()
     assert cli.main(["evaluate"]) == 2
     assert capsys.readouterr().err == ("error: metrics/eval.json, metrics/recall_curve.csv, metrics/recall_curve.png, outputs/eval: "
