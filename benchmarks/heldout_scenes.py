@@ -39,11 +39,12 @@ import argparse
 import json
 import math
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from avse.data.synthetic import SUBPIXEL_BITS, SceneObject  # how objects are held and drawn; what is drawn differs
 
 SHAPES: dict[str, tuple[str, ...]] = {
     "star": ("star",),
@@ -85,25 +86,14 @@ BACKGROUND_NOISE = 8
 OBJECT_GAP = 2.0  # px between bounding circles
 EDGE_MARGIN = 1.0
 RELATION_AXIS_RATIO = 1.5
-SUBPIXEL_BITS = 4
 _SUB = 1 << SUBPIXEL_BITS
 
 
-@dataclass(frozen=True)
-class Obj:
-    shape: str
-    colour: str
-    size: str
-    x: float
-    y: float
-    radius: float
-
-
-def sample_scene(rng: np.random.Generator, image_size: int) -> list[Obj]:
+def sample_scene(rng: np.random.Generator, image_size: int) -> list[SceneObject]:
     """Three non-overlapping objects with distinct (colour, shape) pairs, fully inside the image."""
     kinds = [(c, s) for c in COLOURS for s in SHAPES]
     while True:
-        objects: list[Obj] = []
+        objects: list[SceneObject] = []
         for k in rng.permutation(len(kinds))[:OBJECTS_PER_IMAGE]:
             colour, shape = kinds[k]
             size = ("small", "large")[int(rng.integers(2))]
@@ -112,7 +102,7 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> list[Obj]:
             for _ in range(64):
                 x, y = lo + (hi - lo) * rng.random(), lo + (hi - lo) * rng.random()
                 if all(math.hypot(x - o.x, y - o.y) >= 1.2 * (r + o.radius) + OBJECT_GAP for o in objects):
-                    objects.append(Obj(shape, colour, size, x, y, r))
+                    objects.append(SceneObject(shape, colour, size, x, y, r))
                     break
             else:
                 break
@@ -124,12 +114,12 @@ def _polygon(n: int, r: float, phase: float) -> list[tuple[float, float]]:
     return [(r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
 
 
-def _fill(image: np.ndarray, obj: Obj, outline: list[tuple[float, float]], colour) -> None:
+def _fill(image: np.ndarray, obj: SceneObject, outline: list[tuple[float, float]], colour) -> None:
     pts = np.array([(round((obj.x + dx) * _SUB), round((obj.y + dy) * _SUB)) for dx, dy in outline], dtype=np.int32)
     cv2.fillPoly(image, [pts], colour, cv2.LINE_AA, SUBPIXEL_BITS)
 
 
-def render_scene(objects: list[Obj], image_size: int, rng: np.random.Generator) -> np.ndarray:
+def render_scene(objects: list[SceneObject], image_size: int, rng: np.random.Generator) -> np.ndarray:
     """HxWx3 uint8 RGB: objects drawn anti-aliased on a noisy dark background."""
     image = np.tile(np.array(BACKGROUND_RGB, dtype=np.int16), (image_size, image_size, 1))
     image += rng.integers(-BACKGROUND_NOISE, BACKGROUND_NOISE + 1, size=(image_size, image_size, 1), dtype=np.int16)
@@ -154,7 +144,7 @@ def render_scene(objects: list[Obj], image_size: int, rng: np.random.Generator) 
     return image
 
 
-def relation(a: Obj, b: Obj) -> str | None:
+def relation(a: SceneObject, b: SceneObject) -> str | None:
     """Where a lies relative to b, when it is unambiguous; None on a diagonal or overlap of extents."""
     dx, dy = a.x - b.x, a.y - b.y
     reach = a.radius + b.radius
@@ -169,12 +159,12 @@ def _pick(rng: np.random.Generator, words: tuple[str, ...]) -> str:
     return words[int(rng.integers(len(words)))]
 
 
-def _phrase(rng: np.random.Generator, obj: Obj) -> str:
+def _phrase(rng: np.random.Generator, obj: SceneObject) -> str:
     words = f"{_pick(rng, SIZE_WORDS[obj.size])} {_pick(rng, COLOUR_WORDS[obj.colour])} {_pick(rng, SHAPES[obj.shape])}"
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def describe_scene(rng: np.random.Generator, objects: list[Obj]) -> list[tuple[str, list[int]]]:
+def describe_scene(rng: np.random.Generator, objects: list[SceneObject]) -> list[tuple[str, list[int]]]:
     """Five distinct captions, each naming 1-3 objects (a related pair with its relation)."""
     captions: list[tuple[str, list[int]]] = []
     texts: set[str] = set()
