@@ -44,7 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from avse.data.synthetic import SUBPIXEL_BITS, SceneObject  # how objects are held and drawn; what is drawn differs
+from avse.data.synthetic import SUBPIXEL_BITS, SceneObject, spatial_relation  # how objects are held and drawn; what is drawn differs
 
 SHAPES: dict[str, tuple[str, ...]] = {
     "star": ("star",),
@@ -71,8 +71,8 @@ COLOUR_WORDS: dict[str, tuple[str, ...]] = {
 SIZES: dict[str, float] = {"small": 0.20, "large": 0.36}  # full extent as a share of the side
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
 RELATION_WORDS: dict[str, tuple[str, ...]] = {
-    "left": ("to the left of", "on the left of"),
-    "right": ("to the right of", "on the right of"),
+    "left of": ("to the left of", "on the left of"),
+    "right of": ("to the right of", "on the right of"),
     "above": ("higher than", "over"),
     "below": ("lower than", "beneath"),
 }
@@ -144,17 +144,6 @@ def render_scene(objects: list[SceneObject], image_size: int, rng: np.random.Gen
     return image
 
 
-def relation(a: SceneObject, b: SceneObject) -> str | None:
-    """Where a lies relative to b, when it is unambiguous; None on a diagonal or overlap of extents."""
-    dx, dy = a.x - b.x, a.y - b.y
-    reach = a.radius + b.radius
-    if abs(dx) > reach and abs(dx) >= RELATION_AXIS_RATIO * abs(dy):
-        return "left" if dx < 0 else "right"
-    if abs(dy) > reach and abs(dy) >= RELATION_AXIS_RATIO * abs(dx):
-        return "above" if dy < 0 else "below"
-    return None
-
-
 def _pick(rng: np.random.Generator, words: tuple[str, ...]) -> str:
     return words[int(rng.integers(len(words)))]
 
@@ -171,7 +160,7 @@ def describe_scene(rng: np.random.Generator, objects: list[SceneObject]) -> list
     while len(captions) < CAPTIONS_PER_IMAGE:
         n = int(rng.choice([1, 2, 3], p=[0.15, 0.5, 0.35]))
         subset = [int(i) for i in rng.permutation(len(objects))[:n]]
-        rel = relation(objects[subset[0]], objects[subset[1]]) if n == 2 else None
+        rel = spatial_relation(objects[subset[0]], objects[subset[1]], RELATION_AXIS_RATIO) if n == 2 else None
         if rel is not None and rng.random() < 0.75:
             text = _pick(rng, RELATION_TEMPLATES).format(
                 a=_phrase(rng, objects[subset[0]]), rel=_pick(rng, RELATION_WORDS[rel]), b=_phrase(rng, objects[subset[1]])

@@ -210,13 +210,14 @@ def _draw_object(image: np.ndarray, obj: SceneObject) -> None:
     cv2.fillPoly(image, [points], colour, cv2.LINE_AA, SUBPIXEL_BITS)
 
 
-def spatial_relation(a: SceneObject, b: SceneObject) -> str | None:
-    """The unambiguous relation of `a` to `b` ("left of", ...), or None (see module doc)."""
+def spatial_relation(a: SceneObject, b: SceneObject, axis_ratio: float = RELATION_AXIS_RATIO) -> str | None:
+    """The unambiguous relation of `a` to `b` ("left of", ...), or None (see module doc); `axis_ratio` is how much
+    longer the offset along the relation's axis must be than across it."""
     dx, dy = a.x - b.x, a.y - b.y
     reach = a.radius + b.radius
-    if abs(dx) > reach and abs(dx) >= RELATION_AXIS_RATIO * abs(dy):
+    if abs(dx) > reach and abs(dx) >= axis_ratio * abs(dy):
         return "left of" if dx < 0 else "right of"
-    if abs(dy) > reach and abs(dy) >= RELATION_AXIS_RATIO * abs(dx):
+    if abs(dy) > reach and abs(dy) >= axis_ratio * abs(dx):
         return "above" if dy < 0 else "below"  # image y grows downwards
     return None
 
